@@ -1,0 +1,130 @@
+"""`accelvit` command line: subcommands that call the library's functions.
+
+Problems with the user's input end with one line on stderr and exit code 2, before anything is
+written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from accelvit.config import ConfigError, describe_defaults, load_config
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from accelvit.checkpoint import create_run_dir
+    from accelvit.train import pretrain
+
+    cfg = load_config(args.recipe, args.set)
+    run_dir = Path(args.output) if args.output else _default_run_dir(Path(args.recipe))
+    create_run_dir(run_dir, cfg, overwrite=args.overwrite)
+    pretrain(cfg, run_dir)
+    return 0
+
+
+def _default_run_dir(recipe: Path) -> Path:
+    return Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from accelvit.checkpoint import RECIPE
+    from accelvit.train import pretrain
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / RECIPE).is_file():
+        raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
+    cfg = load_config(run_dir / RECIPE)
+    pretrain(cfg, run_dir, resume=True)
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    import torch
+
+    from accelvit.backbone import build_backbone, vit_shape
+    from accelvit.budget import mean_cost, schedule_rows
+    from accelvit.report import format_schedule, plot_schedule
+
+    cfg = load_config(args.recipe, args.set, check_paths=False)
+    with torch.device("meta"):  # only the shape is needed
+        shape = vit_shape(build_backbone(cfg.model), cfg.model.image_size)
+    steps, base = cfg.train.steps, cfg.model.patch_size
+    mean = mean_cost(cfg.schedule, shape, base, steps)
+    print(format_schedule(schedule_rows(cfg.schedule, shape, base, steps, args.rows), mean))
+    if args.plot:
+        rows = schedule_rows(cfg.schedule, shape, base, steps, rows=min(steps + 1, 401))
+        print(f"plot: {plot_schedule(rows, Path(args.plot), title=Path(args.recipe).name)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from accelvit.export import export_backbone
+
+    out = export_backbone(Path(args.run_dir), Path(args.output), args.checkpoint)
+    print(f"backbone written to {out}")
+    return 0
+
+
+def _defaults(args: argparse.Namespace) -> int:
+    print(describe_defaults(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accelvit", description="Cheaper self-supervised ViT pretraining."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe key, e.g. --set train.steps=500 (value parsed as YAML)",
+        )
+
+    p = sub.add_parser("pretrain", help="pretrain a ViT from a YAML recipe")
+    p.add_argument("recipe")
+    p.add_argument("-o", "--output", help="run directory (default: runs/RECIPE-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in -o")
+    overrides(p)
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("resume", help="continue a run from its newest complete checkpoint")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_resume)
+
+    p = sub.add_parser("schedule", help="print (and plot) a recipe's compression schedule")
+    p.add_argument("recipe")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the schedule")
+    p.add_argument("--rows", type=int, default=11, help="rows of the table (default 11)")
+    overrides(p)
+    p.set_defaults(func=_schedule)
+
+    p = sub.add_parser("export", help="write a run's backbone as timm safetensors")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--checkpoint", help="checkpoint name, e.g. step_500 (default: newest)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("defaults", help="print every recipe key with its default and meaning")
+    p.set_defaults(func=_defaults)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"accelvit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Applying a compression setting (keep, patch) to a timm VisionTransformer.
+
+- Patch scaling (FlexiViT, Beyer et al., CVPR 2023): the image keeps its resolution and is embedded
+  with patch size p >= base. The kernel is resampled from the *base* kernel by timm's pseudo-inverse
+  resize inside the autograd graph, so gradients reach the one base parameter the optimizer holds;
+  the position embedding is resampled to the new grid.
+- Token dropout (PatchDropout, Liu et al., 2022): after position embeddings each image keeps a fresh
+  random subset of round(keep * N) patch tokens; prefix (class, register) tokens are always kept.
+
+With keep 1 and the base patch size the forward is exactly timm's `forward_features`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.layers.patch_dropout import patch_dropout_forward
+from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
+from timm.models.vision_transformer import VisionTransformer
+
+from accelvit.budget import kept_patches
+
+
+@functools.cache
+def _resampler(base: int) -> PatchEmbedResamplerFixedOrigSize:
+    # One per base size; it caches the pseudo-inverse per (new size, device, dtype).
+    return PatchEmbedResamplerFixedOrigSize(orig_size=(base, base))
+
+
+def base_patch_size(vit: VisionTransformer) -> int:
+    return vit.patch_embed.proj.kernel_size[0]
+
+
+def embed_tokens(vit: VisionTransformer, images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Patch-embed `images` (B, C, H, W) with patch size `patch` and add position embeddings.
+
+    Returns:
+        Tokens (B, prefix + (H // patch) * (W // patch), D), prefix tokens first.
+    """
+    pe = vit.patch_embed
+    weight = pe.proj.weight
+    base = base_patch_size(vit)
+    if patch != base:
+        weight = _resampler(base)(weight, [patch, patch])
+    x = F.conv2d(images, weight, pe.proj.bias, stride=patch)  # (B, D, H/p, W/p)
+    grid = x.shape[-2:]
+    x = pe.norm(x.flatten(2).transpose(1, 2))
+
+    prefix = []
+    if vit.cls_token is not None:
+        prefix.append(vit.cls_token.expand(x.shape[0], -1, -1))
+    if vit.reg_token is not None:
+        prefix.append(vit.reg_token.expand(x.shape[0], -1, -1))
+    if vit.pos_embed is None:
+        return vit.pos_drop(torch.cat(prefix + [x], dim=1))
+    pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    pos = vit.pos_embed
+    if tuple(grid) != tuple(pe.grid_size):
+        pos = resample_abs_pos_embed(
+            pos, new_size=list(grid), old_size=list(pe.grid_size), num_prefix_tokens=pos_prefix
+        )
+    if vit.no_embed_class:
+        x = torch.cat(prefix + [x + pos], dim=1)
+    else:
+        x = torch.cat(prefix + [x], dim=1) + pos
+    return vit.pos_drop(x)
+
+
+def drop_tokens(tokens: torch.Tensor, keep: float, num_prefix: int) -> torch.Tensor:
+    """Keep a random subset of round(keep * N) patch tokens per image (prefix tokens always kept).
+
+    Args:
+        tokens: (B, prefix + N, D).
+    Returns:
+        (B, prefix + round(keep * N), D).
+    """
+    patches = tokens.shape[1] - num_prefix
+    kept = kept_patches(patches, keep)
+    if kept == patches:
+        return tokens
+    # timm keeps int(N * (1 - prob)) tokens; this prob makes that exactly `kept`, free of float error.
+    prob = 1.0 - (kept + 0.5) / patches
+    out, _ = patch_dropout_forward(tokens, prob, num_prefix, ordered=False, training=True)
+    return out
+
+
+def forward_tokens(
+    vit: VisionTransformer, images: torch.Tensor, keep: float = 1.0, patch: int | None = None
+) -> torch.Tensor:
+    """Backbone forward under a compression setting.
+
+    Args:
+        images: (B, C, H, W); H and W divisible by `patch`.
+        keep: fraction of patch tokens kept (1: all).
+        patch: patch size in pixels (None: the base patch size).
+    Returns:
+        Normalized tokens (B, L, D) where L = prefix + round(keep * H * W / patch**2).
+    """
+    x = embed_tokens(vit, images, patch or base_patch_size(vit))
+    x = drop_tokens(x, keep, vit.num_prefix_tokens)
+    x = vit.norm_pre(x)
+    x = vit.blocks(x)
+    return vit.norm(x)
+
+
+def forward_features(
+    vit: VisionTransformer, images: torch.Tensor, keep: float = 1.0, patch: int | None = None
+) -> torch.Tensor:
+    """Pooled backbone features (B, D) under a compression setting (timm's pooling and fc_norm)."""
+    return vit.forward_head(forward_tokens(vit, images, keep, patch), pre_logits=True)

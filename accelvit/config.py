@@ -1,0 +1,430 @@
+"""Recipes: a typed dataclass tree, loaded from YAML with `--set` overrides and validated.
+
+This module is the one place where every recipe key, its default and its meaning are written down
+(`accelvit defaults` prints them as a commented YAML recipe). Validation happens here, before any
+file is written, and every problem is reported as one `ConfigError` line naming the key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "synthetic")
+SHAPES = ("constant", "linear", "cosine", "step")
+
+
+class ConfigError(ValueError):
+    """A recipe problem, phrased as one line that names the key and the value at fault."""
+
+
+def _doc(default: Any, doc: str) -> Any:
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def _copy(value: Any) -> Any:
+    return dataclasses.replace(value) if dataclasses.is_dataclass(value) else type(value)(value)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _doc("vit_tiny_patch16_224", "timm ViT name; built with random init, no download")
+    image_size: int = _doc(32, "side of the (square) input images in pixels")
+    patch_size: int = _doc(4, "base patch size; must divide image_size")
+    embed_dim: int | None = _doc(None, "override the arch's embedding width (null: arch default)")
+    depth: int | None = _doc(None, "override the arch's number of blocks (null: arch default)")
+    num_heads: int | None = _doc(None, "override the arch's attention heads (null: arch default)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _doc("fashion-mnist", "one of: " + ", ".join(DATASETS))
+    root: str = _doc(
+        "/usr/share/datasets/fashion-mnist",
+        "dataset folder (fashion-mnist: idx files; cifar10: torchvision root; "
+        "imagefolder: folder of class sub-folders, or one with train/ and val/)",
+    )
+    download: bool = _doc(False, "let torchvision download fashion-mnist / cifar10 into root")
+    workers: int = _doc(2, "data-loader worker processes (0: load in the training process)")
+    limit: int | None = _doc(None, "use only the first N training images (null: all)")
+    crop_min_scale: float = _doc(0.08, "smallest area fraction of the random resized crop")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = _doc("simclr", "pretraining objective: simclr")
+    temperature: float = _doc(0.2, "softmax temperature of the contrastive loss")
+    hidden_dim: int = _doc(512, "projection head hidden width")
+    out_dim: int = _doc(128, "projection head output width")
+
+
+@dataclass
+class RampConfig:
+    """How one compression knob moves over training progress (0 -> 1)."""
+
+    shape: str = _doc("constant", "one of: " + ", ".join(SHAPES))
+    start: float | None = _doc(None, "value at progress 0 (constant: the value)")
+    end: float | None = _doc(None, "value at progress 1 (null: same as start)")
+    points: list[list[float]] | None = _doc(
+        None, "step shape only: [[progress, value], ...], value held until the next point"
+    )
+
+
+@dataclass
+class ScheduleConfig:
+    keep: RampConfig = _doc(
+        RampConfig(start=1.0), "token keep ratio r in (0, 1]; a number means constant"
+    )
+    patch: RampConfig = _doc(
+        RampConfig(), "patch size in pixels (null start: model.patch_size); a number means constant"
+    )
+    dropout_views: str = _doc(
+        "query", "which views drop tokens: query (gradient-carrying views only) or all"
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _doc(1e-3, "peak learning rate of AdamW (no automatic batch-size scaling)")
+    min_lr: float = _doc(0.0, "learning rate at the end of the cosine decay")
+    weight_decay: float = _doc(0.05, "AdamW weight decay (not applied to biases, norms, tokens)")
+    warmup: float = _doc(0.1, "fraction of training spent in linear learning-rate warm-up")
+    clip_grad: float | None = _doc(None, "clip the global gradient norm to this value")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _doc(1000, "number of optimizer steps; training progress is step / steps")
+    batch_size: int = _doc(128, "images per step per process (global batch: x processes)")
+    seed: int = _doc(0, "seed of model init, data order, augmentations and token dropout")
+    log_every: int = _doc(10, "steps between lines of metrics.jsonl")
+    checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
+    keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
+    precision: str = _doc("no", "mixed precision: no, fp16 or bf16")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = _doc(ModelConfig(), "backbone")
+    data: DataConfig = _doc(DataConfig(), "training data and views")
+    objective: ObjectiveConfig = _doc(ObjectiveConfig(), "self-supervised objective")
+    schedule: ScheduleConfig = _doc(ScheduleConfig(), "compression curriculum")
+    optim: OptimConfig = _doc(OptimConfig(), "optimizer and learning-rate schedule")
+    train: TrainConfig = _doc(TrainConfig(), "loop length, batch, logging, checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML -> dict -> (overrides) -> dataclasses -> semantic checks
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), check_paths: bool = True
+) -> Config:
+    """Read a recipe, apply `section.key=value` overrides and validate the result.
+
+    `check_paths=False` skips checks of the file system (for commands that read no data).
+
+    Raises:
+        ConfigError: one line naming the file, key or value at fault.
+    """
+    raw = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(Config, raw, "")
+    validate(cfg, check_paths)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `--set section.key=value` (value parsed as YAML) to the raw recipe dict."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML") from None
+    parts = key.strip().split(".")
+    _check_path(parts, f"--set {key}")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            # A ramp given as a plain number is widened so that a sub-key can be set.
+            child = {"shape": "constant", "start": child} if isinstance(child, (int, float)) else {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_path(parts: list[str], where: str) -> None:
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{where}: {'.'.join(parts[:i])} has no sub-keys")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise ConfigError(_unknown(".".join(parts[: i + 1]), part, names, where))
+        cls = _hints(cls)[part]
+        cls = _unwrap_optional(cls)
+
+
+def _unknown(key: str, name: str, names: list[str], where: str = "") -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+    prefix = f"{where}: " if where and where != key else ""
+    return f"{prefix}unknown key '{key}'{hint}"
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if _is_optional(tp):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _is_optional(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    return origin in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def from_dict(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from a dict, checking keys and types; `path` names it in errors."""
+    if cls is RampConfig and isinstance(data, (int, float)) and not isinstance(data, bool):
+        data = {"shape": "constant", "start": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(_unknown(f"{path}.{key}" if path else str(key), str(key), names))
+    values = {}
+    for name in names:
+        if name in data:
+            key = f"{path}.{name}" if path else name
+            values[name] = _coerce(hints[name], data[name], key)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if _is_optional(tp):
+        return None if value is None else _coerce(_unwrap_optional(tp), value, key)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} = {value!r}: expected one of {typing.get_args(tp)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported recipe type {tp} for {key}")  # a bug in this module
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic checks
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {why}")
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Check ranges and cross-key constraints; raise the first problem found as a ConfigError."""
+    m, d, o, s, op, t = cfg.model, cfg.data, cfg.objective, cfg.schedule, cfg.optim, cfg.train
+    _require(m.image_size > 0, "model.image_size", m.image_size, "must be positive")
+    _require(m.patch_size > 0, "model.patch_size", m.patch_size, "must be positive")
+    _require(
+        m.image_size % m.patch_size == 0,
+        "model.patch_size",
+        m.patch_size,
+        f"must divide model.image_size ({m.image_size})",
+    )
+    for name in ("embed_dim", "depth", "num_heads"):
+        value = getattr(m, name)
+        _require(value is None or value > 0, f"model.{name}", value, "must be positive or null")
+
+    _require(d.dataset in DATASETS, "data.dataset", d.dataset, f"expected one of {DATASETS}")
+    _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _require(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive or null")
+    _require(
+        0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]"
+    )
+    if (
+        check_paths
+        and d.dataset != "synthetic"
+        and not (d.download and d.dataset in ("fashion-mnist", "cifar10"))
+    ):
+        _require(
+            Path(d.root).is_dir(),
+            "data.root",
+            d.root,
+            "dataset folder does not exist"
+            + (
+                " (install it: apt-get install -y dataset-fashion-mnist, or set data.download: true)"
+                if d.dataset == "fashion-mnist"
+                else ""
+            ),
+        )
+
+    from accelvit.objectives import OBJECTIVES  # deferred: objectives import torch
+
+    _require(
+        o.name in OBJECTIVES, "objective.name", o.name, f"expected one of {sorted(OBJECTIVES)}"
+    )
+    _require(o.temperature > 0, "objective.temperature", o.temperature, "must be positive")
+    _require(o.hidden_dim > 0, "objective.hidden_dim", o.hidden_dim, "must be positive")
+    _require(o.out_dim > 0, "objective.out_dim", o.out_dim, "must be positive")
+
+    _validate_ramp(s.keep, "schedule.keep", _keep_ok, "keep ratio must be in (0, 1]")
+    allowed = allowed_patch_sizes(m.image_size, m.patch_size)
+    _validate_ramp(
+        s.patch,
+        "schedule.patch",
+        lambda v: v is None or v in allowed,
+        f"patch size must be one of {allowed} (divisors of model.image_size >= model.patch_size)",
+    )
+    _require(
+        s.dropout_views in ("query", "all"),
+        "schedule.dropout_views",
+        s.dropout_views,
+        "expected query or all",
+    )
+
+    _require(op.lr > 0, "optim.lr", op.lr, "must be positive")
+    _require(0 <= op.min_lr <= op.lr, "optim.min_lr", op.min_lr, "must be in [0, optim.lr]")
+    _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
+    _require(0 <= op.warmup < 1, "optim.warmup", op.warmup, "must be a fraction in [0, 1)")
+    _require(
+        op.clip_grad is None or op.clip_grad > 0, "optim.clip_grad", op.clip_grad, "must be > 0"
+    )
+
+    _require(t.steps > 0, "train.steps", t.steps, "must be a positive number of steps")
+    _require(t.batch_size > 1, "train.batch_size", t.batch_size, "must be at least 2")
+    _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+    _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
+    _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
+    _require(
+        t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16"
+    )
+
+
+def _keep_ok(value: float | None) -> bool:
+    return value is not None and 0 < value <= 1
+
+
+def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
+    _require(ramp.shape in SHAPES, f"{key}.shape", ramp.shape, f"expected one of {SHAPES}")
+    if ramp.shape == "step":
+        _require(
+            bool(ramp.points), f"{key}.points", ramp.points, "a step schedule needs [[p, v], ...]"
+        )
+        last = -1.0
+        for i, point in enumerate(ramp.points or []):
+            _require(len(point) == 2, f"{key}.points[{i}]", point, "expected [progress, value]")
+            progress, value = point
+            _require(
+                0 <= progress <= 1 and progress > last,
+                f"{key}.points[{i}]",
+                point,
+                "progress must be in [0, 1] and increasing",
+            )
+            _require(ok(value), f"{key}.points[{i}]", point, why)
+            last = progress
+        return
+    _require(ramp.points is None, f"{key}.points", ramp.points, "only for shape step")
+    _require(ok(ramp.start), f"{key}.start", ramp.start, why)
+    if ramp.end is not None:
+        _require(ok(ramp.end), f"{key}.end", ramp.end, why)
+
+
+def allowed_patch_sizes(image_size: int, base: int) -> list[int]:
+    """Patch sizes a curriculum may use: divisors of the image size no smaller than the base."""
+    return [p for p in range(base, image_size + 1) if image_size % p == 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved recipe as YAML; loading it again gives an equal Config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe_defaults() -> str:
+    """Every recipe key with its default and meaning, as a commented YAML recipe."""
+    lines = ["# accelvit recipe: every key, its default and its meaning"]
+
+    def walk(cls: type, indent: int) -> None:
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            pad = "  " * indent
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{f.name}:  # {f.metadata['doc']}")
+                walk(type(value), indent + 1)
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True).strip()
+                text = text.removesuffix("\n...").removesuffix("...").strip()
+                lines.append(f"{pad}{f.name}: {text}  # {f.metadata['doc']}")
+
+    walk(Config, 0)
+    return "\n".join(lines) + "\n"

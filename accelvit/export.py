@@ -1,0 +1,55 @@
+"""Export a run's backbone as a timm state dict in safetensors format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from accelvit.backbone import timm_kwargs
+from accelvit.checkpoint import RECIPE, latest_checkpoint, verify_checkpoint
+from accelvit.config import ConfigError, load_config
+
+BACKBONE_PREFIX = "backbone."
+
+
+def resolve_checkpoint(run_dir: Path, name: str | None = None) -> Path:
+    """`run_dir/checkpoints/NAME` (e.g. step_500), or the newest complete checkpoint."""
+    if name is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise ConfigError(f"'{run_dir}' has no complete checkpoint")
+    else:
+        path = run_dir / "checkpoints" / name
+    verify_checkpoint(path)
+    return path
+
+
+def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> Path:
+    """Write the backbone weights with timm's key names to `out` (.safetensors).
+
+    Load them with `timm.create_model(arch, **kwargs)` + `load_state_dict`; `arch` and `kwargs`
+    are stored in the file's metadata.
+    """
+    if not (run_dir / RECIPE).is_file():
+        raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
+    cfg = load_config(run_dir / RECIPE, check_paths=False)
+    path = resolve_checkpoint(run_dir, checkpoint)
+    weights = load_file(str(path / "model.safetensors"))
+    backbone = {
+        k.removeprefix(BACKBONE_PREFIX): v.contiguous()
+        for k, v in weights.items()
+        if k.startswith(BACKBONE_PREFIX)
+    }
+    kwargs = timm_kwargs(cfg.model)
+    metadata = {
+        "arch": cfg.model.arch,
+        "timm_kwargs": json.dumps(kwargs),
+        "checkpoint": path.name,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".tmp-" + out.name)
+    save_file(backbone, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,27 @@
+"""Pretraining objectives: a plain dict from `objective.name` to how to build it.
+
+An objective is an `nn.Module` built as `build(cfg, backbone, dropout_views)` whose
+`forward(views, setting)` returns the loss and whose `update_momentum(progress)` runs after each
+optimizer step, plus `transform(image_size, data_cfg)` that turns one image into its views.
+A new objective is one module and one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from accelvit.objectives import simclr
+
+
+@dataclass(frozen=True)
+class Objective:
+    build: Callable[..., nn.Module]
+    transform: Callable[..., Callable]
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "simclr": Objective(build=simclr.SimCLR, transform=simclr.build_transform),
+}

@@ -1,0 +1,46 @@
+"""SimCLR (Chen et al., ICML 2020): two views, projection head, NT-Xent loss.
+
+Both views carry gradients, so both are compressed (token dropout and patch scaling alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from lightly.transforms import SimCLRTransform
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from accelvit.compress import forward_features
+from accelvit.config import DataConfig, ObjectiveConfig
+from accelvit.schedule import Setting
+
+
+class SimCLR(nn.Module):
+    """Backbone + SimCLR projection head; `forward(views, setting)` returns the loss."""
+
+    def __init__(self, cfg: ObjectiveConfig, backbone: VisionTransformer, dropout_views: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = SimCLRProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.out_dim)
+        self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=True)
+
+    def forward(self, views: list[torch.Tensor], setting: Setting) -> torch.Tensor:
+        """Loss for two batches of views, each (B, C, H, W); one backbone pass over both."""
+        x0, x1 = views
+        z = self.head(
+            forward_features(self.backbone, torch.cat([x0, x1]), setting.keep, setting.patch)
+        )
+        z0, z1 = z.chunk(2)
+        return self.criterion(z0, z1)
+
+    def update_momentum(self, progress: float) -> None:
+        """SimCLR has no momentum encoder."""
+
+
+def build_transform(image_size: int, data: DataConfig) -> Callable:
+    """Two SimCLR views (random resized crop, flip, colour jitter, grey, blur) per image."""
+    return SimCLRTransform(input_size=image_size, min_scale=data.crop_min_scale)
