@@ -34,9 +34,7 @@ def kept_patches(patches: int, keep: float) -> int:
 
 def tokens_per_view(shape: VitShape, setting: Setting) -> int:
     """Sequence length the transformer blocks see for one view (prefix tokens included)."""
-    return shape.prefix_tokens + kept_patches(
-        num_patches(shape.image_size, setting.patch), setting.keep
-    )
+    return shape.prefix_tokens + kept_patches(num_patches(shape.image_size, setting.patch), setting.keep)
 
 
 def forward_flops(shape: VitShape, setting: Setting) -> float:

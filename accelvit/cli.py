@@ -74,9 +74,7 @@ def _defaults(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="accelvit", description="Cheaper self-supervised ViT pretraining."
-    )
+    parser = argparse.ArgumentParser(prog="accelvit", description="Cheaper self-supervised ViT pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def overrides(p: argparse.ArgumentParser) -> None:

@@ -54,18 +54,20 @@ def embed_tokens(vit: VisionTransformer, images: torch.Tensor, patch: int) -> to
         prefix.append(vit.cls_token.expand(x.shape[0], -1, -1))
     if vit.reg_token is not None:
         prefix.append(vit.reg_token.expand(x.shape[0], -1, -1))
+
+    # Same order of operations as timm's `_pos_embed`, so the base setting is bit-identical.
+    def with_prefix(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(prefix + [t], dim=1) if prefix else t
+
     if vit.pos_embed is None:
-        return vit.pos_drop(torch.cat(prefix + [x], dim=1))
-    pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        return vit.pos_drop(with_prefix(x))
     pos = vit.pos_embed
     if tuple(grid) != tuple(pe.grid_size):
+        pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
         pos = resample_abs_pos_embed(
             pos, new_size=list(grid), old_size=list(pe.grid_size), num_prefix_tokens=pos_prefix
         )
-    if vit.no_embed_class:
-        x = torch.cat(prefix + [x + pos], dim=1)
-    else:
-        x = torch.cat(prefix + [x], dim=1) + pos
+    x = with_prefix(x + pos) if vit.no_embed_class else with_prefix(x) + pos
     return vit.pos_drop(x)
 
 

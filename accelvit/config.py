@@ -81,15 +81,11 @@ class RampConfig:
 
 @dataclass
 class ScheduleConfig:
-    keep: RampConfig = _doc(
-        RampConfig(start=1.0), "token keep ratio r in (0, 1]; a number means constant"
-    )
+    keep: RampConfig = _doc(RampConfig(start=1.0), "token keep ratio r in (0, 1]; a number means constant")
     patch: RampConfig = _doc(
         RampConfig(), "patch size in pixels (null start: model.patch_size); a number means constant"
     )
-    dropout_views: str = _doc(
-        "query", "which views drop tokens: query (gradient-carrying views only) or all"
-    )
+    dropout_views: str = _doc("query", "which views drop tokens: query (gradient-carrying views only) or all")
 
 
 @dataclass
@@ -126,9 +122,7 @@ class Config:
 # Loading: YAML -> dict -> (overrides) -> dataclasses -> semantic checks
 
 
-def load_config(
-    path: str | Path | None, overrides: list[str] = (), check_paths: bool = True
-) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
     """Read a recipe, apply `section.key=value` overrides and validate the result.
 
     `check_paths=False` skips checks of the file system (for commands that read no data).
@@ -158,9 +152,7 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"
-        )
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -200,7 +192,9 @@ def _check_path(parts: list[str], where: str) -> None:
 
 def _unknown(key: str, name: str, names: list[str], where: str = "") -> str:
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+    parent = key.rpartition(".")[0]
+    suggestion = f"{parent}.{close[0]}" if close and parent else (close[0] if close else "")
+    hint = f" (did you mean '{suggestion}'?)" if close else f" (known: {', '.join(names)})"
     prefix = f"{where}: " if where and where != key else ""
     return f"{prefix}unknown key '{key}'{hint}"
 
@@ -300,9 +294,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.dataset in DATASETS, "data.dataset", d.dataset, f"expected one of {DATASETS}")
     _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _require(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive or null")
-    _require(
-        0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]"
-    )
+    _require(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
     if (
         check_paths
         and d.dataset != "synthetic"
@@ -322,9 +314,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 
     from accelvit.objectives import OBJECTIVES  # deferred: objectives import torch
 
-    _require(
-        o.name in OBJECTIVES, "objective.name", o.name, f"expected one of {sorted(OBJECTIVES)}"
-    )
+    _require(o.name in OBJECTIVES, "objective.name", o.name, f"expected one of {sorted(OBJECTIVES)}")
     _require(o.temperature > 0, "objective.temperature", o.temperature, "must be positive")
     _require(o.hidden_dim > 0, "objective.hidden_dim", o.hidden_dim, "must be positive")
     _require(o.out_dim > 0, "objective.out_dim", o.out_dim, "must be positive")
@@ -348,18 +338,14 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(0 <= op.min_lr <= op.lr, "optim.min_lr", op.min_lr, "must be in [0, optim.lr]")
     _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
     _require(0 <= op.warmup < 1, "optim.warmup", op.warmup, "must be a fraction in [0, 1)")
-    _require(
-        op.clip_grad is None or op.clip_grad > 0, "optim.clip_grad", op.clip_grad, "must be > 0"
-    )
+    _require(op.clip_grad is None or op.clip_grad > 0, "optim.clip_grad", op.clip_grad, "must be > 0")
 
     _require(t.steps > 0, "train.steps", t.steps, "must be a positive number of steps")
     _require(t.batch_size > 1, "train.batch_size", t.batch_size, "must be at least 2")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
     _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
     _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
-    _require(
-        t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16"
-    )
+    _require(t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16")
 
 
 def _keep_ok(value: float | None) -> bool:
@@ -369,9 +355,7 @@ def _keep_ok(value: float | None) -> bool:
 def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
     _require(ramp.shape in SHAPES, f"{key}.shape", ramp.shape, f"expected one of {SHAPES}")
     if ramp.shape == "step":
-        _require(
-            bool(ramp.points), f"{key}.points", ramp.points, "a step schedule needs [[p, v], ...]"
-        )
+        _require(bool(ramp.points), f"{key}.points", ramp.points, "a step schedule needs [[p, v], ...]")
         last = -1.0
         for i, point in enumerate(ramp.points or []):
             _require(len(point) == 2, f"{key}.points[{i}]", point, "expected [progress, value]")

@@ -15,9 +15,7 @@ def format_schedule(rows: list[ScheduleRow], mean: float) -> str:
             f"{r.progress:8.2f} {r.step:7d} {r.setting.keep:6.3f} {r.setting.patch:5d} "
             f"{r.tokens:6d} {r.cost:6.3f}"
         )
-    lines.append(
-        f"mean relative cost {mean:.3f} ({1 / mean:.2f}x fewer backbone FLOPs than no compression)"
-    )
+    lines.append(f"mean relative cost {mean:.3f} ({1 / mean:.2f}x fewer backbone FLOPs than no compression)")
     return "\n".join(lines)
 
 

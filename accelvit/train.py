@@ -62,9 +62,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = {
-            s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
-        }
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -111,9 +109,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
         len(images), batch, cfg.train.seed, state.step, steps, accelerator.process_index, world
     )
     transform = objective.transform(image_size, cfg.data)
-    loader = build_loader(
-        images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda"
-    )
+    loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
 
     stop = StopRequest()
     bar = tqdm(total=steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True)

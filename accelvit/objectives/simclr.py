@@ -31,9 +31,7 @@ class SimCLR(nn.Module):
     def forward(self, views: list[torch.Tensor], setting: Setting) -> torch.Tensor:
         """Loss for two batches of views, each (B, C, H, W); one backbone pass over both."""
         x0, x1 = views
-        z = self.head(
-            forward_features(self.backbone, torch.cat([x0, x1]), setting.keep, setting.patch)
-        )
+        z = self.head(forward_features(self.backbone, torch.cat([x0, x1]), setting.keep, setting.patch))
         z0, z1 = z.chunk(2)
         return self.criterion(z0, z1)
 

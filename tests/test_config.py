@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from accelvit.cli import main
+from accelvit.config import Config, ConfigError, describe_defaults, dump_config, load_config
+from tests.conftest import TINY, write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe_with(tmp_path: Path, **changes: object) -> Path:
+    data = copy.deepcopy(TINY)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    return write_recipe(tmp_path / "r.yaml", data)
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = load_config(None, ["data.dataset=synthetic"])
+    assert cfg.train.steps == Config().train.steps
+    text = describe_defaults()
+    for key in ("arch:", "image_size:", "dropout_views:", "warmup:", "keep_checkpoints:", "precision:"):
+        assert key in text
+    assert yaml.safe_load(text)["train"]["batch_size"] == Config().train.batch_size
+
+
+def test_every_shipped_recipe_loads():
+    for recipe in sorted((REPO / "recipes").glob("*.yaml")):
+        load_config(recipe, check_paths=False)
+
+
+def test_resolved_recipe_round_trips(tmp_path, tiny_config):
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(tiny_config))
+    assert load_config(path) == tiny_config
+
+
+def test_scalar_ramp_means_constant(tmp_path):
+    cfg = load_config(recipe_with(tmp_path), ["schedule.keep=0.5"])
+    assert cfg.schedule.keep.shape == "constant" and cfg.schedule.keep.start == 0.5
+
+
+def test_set_overrides_parse_yaml(tiny_recipe):
+    cfg = load_config(tiny_recipe, ["train.steps=12", "schedule.keep.end=0.75", "optim.clip_grad=1"])
+    assert cfg.train.steps == 12
+    assert cfg.schedule.keep.end == 0.75
+    assert cfg.optim.clip_grad == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trian.steps=3"], "unknown key 'trian' (did you mean 'train'?)"),
+        (["train.stpes=3"], "unknown key 'train.stpes' (did you mean 'train.steps'?)"),
+        (["train.steps=ten"], "train.steps = 'ten': expected an integer"),
+        (["train.steps=-5"], "train.steps = -5: must be a positive number of steps"),
+        (["schedule.keep.start=1.5"], "schedule.keep.start = 1.5: keep ratio must be in (0, 1]"),
+        (["schedule.keep.end=0"], "schedule.keep.end = 0.0: keep ratio must be in (0, 1]"),
+        (["model.patch_size=5"], "model.patch_size = 5: must divide model.image_size (16)"),
+        (
+            ["schedule.patch.points=[[0, 6]]"],
+            "schedule.patch.points[0] = [0.0, 6.0]: patch size must be one of [4, 8, 16]",
+        ),
+        (
+            ["data.dataset=fashion-mnist", "data.root=/nonexistent/fmnist"],
+            "data.root = '/nonexistent/fmnist': dataset folder does not exist",
+        ),
+        (["train.precision=fp8"], "train.precision = 'fp8'"),
+        (["objective.name=byol"], "objective.name = 'byol': expected one of ['simclr']"),
+        (["schedule.dropout_views=key"], "schedule.dropout_views = 'key'"),
+    ],
+)
+def test_bad_values_name_key_and_value(tiny_recipe, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny_recipe, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_file_suggests(tmp_path):
+    data = copy.deepcopy(TINY)
+    data["train"]["batchsize"] = 4
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'train.batchsize' \(did you mean 'train.batch_size'\?\)"
+    ):
+        load_config(write_recipe(tmp_path / "r.yaml", data))
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: 3\n  batch_size: [4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+, column \d+: malformed YAML"):
+        load_config(path)
+
+
+def test_cli_error_exits_2_and_writes_nothing(tmp_path, tiny_recipe, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--set", "schedule.keep.start=2"])
+    assert code == 2
+    assert not run_dir.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["accelvit: error: schedule.keep.start = 2.0: keep ratio must be in (0, 1]"]

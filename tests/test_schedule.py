@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from accelvit.config import OptimConfig, RampConfig, ScheduleConfig, allowed_patch_sizes
+from accelvit.schedule import Setting, lr_at, ramp_value, setting_at, snap_patch
+
+
+@pytest.mark.parametrize(
+    ("ramp", "progress", "expected"),
+    [
+        (RampConfig("constant", 0.5), 0.7, 0.5),
+        (RampConfig("linear", 0.25, 1.0), 0.0, 0.25),
+        (RampConfig("linear", 0.25, 1.0), 0.5, 0.625),
+        (RampConfig("linear", 0.25, 1.0), 1.0, 1.0),
+        (RampConfig("cosine", 0.25, 1.0), 0.0, 0.25),
+        (RampConfig("cosine", 0.25, 1.0), 0.5, 0.625),
+        (RampConfig("cosine", 0.25, 1.0), 0.25, 1.0 + (0.25 - 1.0) * 0.5 * (1 + math.cos(math.pi / 4))),
+        (RampConfig("cosine", 0.25, 1.0), 1.0, 1.0),
+        (RampConfig("step", points=[[0.0, 0.25], [0.5, 0.5], [0.75, 1.0]]), 0.49, 0.25),
+        (RampConfig("step", points=[[0.0, 0.25], [0.5, 0.5], [0.75, 1.0]]), 0.5, 0.5),
+        (RampConfig("step", points=[[0.0, 0.25], [0.5, 0.5], [0.75, 1.0]]), 0.99, 1.0),
+        (RampConfig("step", points=[[0.3, 0.5], [0.6, 1.0]]), 0.1, 0.5),
+    ],
+)
+def test_ramp_shapes(ramp, progress, expected):
+    assert ramp_value(ramp, progress) == pytest.approx(expected, abs=1e-12)
+
+
+def test_null_start_takes_default_and_end_defaults_to_start():
+    assert ramp_value(RampConfig("linear", None, None), 0.3, default=4) == 4
+    assert ramp_value(RampConfig("linear", 2.0, None), 0.3) == 2.0
+
+
+def test_allowed_patch_sizes_are_divisors_above_base():
+    assert allowed_patch_sizes(32, 4) == [4, 8, 16, 32]
+    assert allowed_patch_sizes(28, 4) == [4, 7, 14, 28]
+    assert allowed_patch_sizes(224, 16) == [16, 28, 32, 56, 112, 224]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(4.0, 4), (5.9, 4), (6.0, 4), (6.1, 8), (11.9, 8), (12.1, 16), (40, 32)]
+)
+def test_patch_snaps_to_nearest_allowed_size(value, expected):
+    assert snap_patch(value, [4, 8, 16, 32]) == expected
+
+
+def test_setting_at_ramps_both_knobs_and_snaps():
+    cfg = ScheduleConfig(keep=RampConfig("linear", 0.25, 1.0), patch=RampConfig("linear", 16, 4))
+    assert setting_at(cfg, 0.0, 32, 4) == Setting(0.25, 16)
+    assert setting_at(cfg, 0.5, 32, 4) == Setting(0.625, 8)  # 10 snaps to 8
+    assert setting_at(cfg, 1.0, 32, 4) == Setting(1.0, 4)
+
+
+def test_setting_is_pure():
+    cfg = ScheduleConfig(keep=RampConfig("cosine", 0.3, 1.0), patch=RampConfig("linear", 8, 4))
+    assert [setting_at(cfg, p / 7, 32, 4) for p in range(8)] == [
+        setting_at(cfg, p / 7, 32, 4) for p in range(8)
+    ]
+
+
+def test_lr_warmup_then_cosine():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup=0.2)
+    assert lr_at(cfg, 0.1) == pytest.approx(0.5)
+    assert lr_at(cfg, 0.2) == pytest.approx(1.0)
+    assert lr_at(cfg, 0.6) == pytest.approx(0.55)
+    assert lr_at(cfg, 1.0) == pytest.approx(0.1)
+    assert lr_at(OptimConfig(lr=1.0, warmup=0.0), 0.0) == pytest.approx(1.0)
