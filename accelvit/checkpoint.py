@@ -23,6 +23,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from accelvit.config import Config, ConfigError, dump_config
+from accelvit.distributed import process_state
 
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
@@ -41,16 +42,23 @@ class TrainState:
 
 
 def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:
-    """Create RUN_DIR with its resolved recipe; refuse a folder that already holds a run."""
+    """Create RUN_DIR with its resolved recipe; refuse a folder that already holds a run.
+
+    Every process checks, then the main process writes, so all of them fail or none does.
+    """
+    processes = process_state()
     if (run_dir / RECIPE).exists() and not overwrite:
         raise ConfigError(
             f"run directory '{run_dir}' already holds a run: continue it with "
             f"`accelvit resume {run_dir}`, or pass --overwrite to start over"
         )
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / RECIPE, dump_config(cfg))
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / RECIPE, dump_config(cfg))
+    processes.wait_for_everyone()
 
 
 def write_atomic(path: Path, text: str) -> None:

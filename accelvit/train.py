@@ -31,6 +31,7 @@ from accelvit.checkpoint import (
 )
 from accelvit.config import Config, ConfigError, OptimConfig
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
+from accelvit.distributed import use_cpu
 from accelvit.objectives import OBJECTIVES
 from accelvit.schedule import lr_at, setting_at
 
@@ -76,7 +77,7 @@ class StopRequest:
 
 def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     """Pretrain the backbone of `cfg` in `run_dir` (created beforehand by `create_run_dir`)."""
-    accelerator = Accelerator(mixed_precision=cfg.train.precision)
+    accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
     main = accelerator.is_main_process
     steps, image_size, base_patch = cfg.train.steps, cfg.model.image_size, cfg.model.patch_size
 

@@ -1,0 +1,24 @@
+"""Which processes a run has: one, or several launched by torchrun / accelerate launch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+
+
+def use_cpu() -> bool:
+    """CPU when asked (ACCELERATE_USE_CPU=1), or when several processes run on a machine without CUDA.
+
+    Without the second rule, torchrun on a CPU-only machine would start independent processes that
+    each believe they are the only one.
+    """
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available())
+
+
+def process_state() -> PartialState:
+    """accelerate's process group (gloo on CPU), created once and shared with the Accelerator."""
+    return PartialState(cpu=use_cpu())
