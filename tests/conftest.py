@@ -35,6 +35,15 @@ def write_recipe(path: Path, data: dict) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # accelerate keeps one process-wide state; tests train with different precisions in turn.
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     return write_recipe(tmp_path / "tiny.yaml", TINY)

@@ -86,3 +86,27 @@ def test_view_dataset_is_deterministic_per_seed():
     ds = ViewDataset(load_dataset(data), build_transform(16, data))
     a, b, c = ds[(1, 7)][0], ds[(1, 7)][0], ds[(1, 8)][0]
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+
+
+def test_image_folder_with_train_and_val(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 3), ("val", 2)):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("L", (20, 12), color=i * 40).save(folder / f"{i}.png")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path))
+    train, val = load_dataset(cfg), load_dataset(cfg, train=False)
+    assert (len(train), len(val)) == (6, 4)
+    image, label = train[5]
+    assert image.mode == "RGB" and label == 1
+    views, _ = ViewDataset(train, build_transform(16, cfg))[(5, 0)]
+    assert [v.shape for v in views] == [(3, 16, 16), (3, 16, 16)]
+
+
+def test_image_folder_without_val_cannot_evaluate(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ConfigError, match="needs a val/ folder"):
+        load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), train=False)

@@ -145,3 +145,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_recipe):
     assert losses(run_dir)[-1][0] == step
     assert f"stopped at step {step}/100000" in out
     assert f"resume with: accelvit resume {run_dir}" in out
+
+
+def test_bf16_mixed_precision_trains(tmp_path, tiny_recipe):
+    cfg = load_config(tiny_recipe, ["train.precision=bf16", "train.steps=2"])
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    assert pretrain(cfg, run_dir).step == 2
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in losses(run_dir))
