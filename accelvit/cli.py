@@ -68,6 +68,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from accelvit.evaluate import EVAL_FILE, evaluate_run
+
+    run_dir = Path(args.run_dir)
+    result = evaluate_run(run_dir, args.checkpoint, linear=args.linear, pixels=args.pixels)
+    print(
+        f"step {result['step']}: kNN top-1 {result['knn_top1']:.4f} "
+        f"(k={result['k']}, {result['train_size']} train / {result['test_size']} test images)"
+    )
+    if "linear_top1" in result:
+        print(f"linear probe top-1 {result['linear_top1']:.4f}")
+    if "pixel_knn_top1" in result:
+        print(f"raw-pixel kNN top-1 {result['pixel_knn_top1']:.4f}")
+    print(f"written to {run_dir / EVAL_FILE}")
+    return 0
+
+
 def _defaults(args: argparse.Namespace) -> int:
     print(describe_defaults(), end="")
     return 0
@@ -109,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--checkpoint", help="checkpoint name, e.g. step_500 (default: newest)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="kNN top-1 of a run's backbone on its dataset's labelled splits")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="checkpoint name, e.g. step_500 (default: newest)")
+    p.add_argument("--linear", action="store_true", help="also train a linear probe")
+    p.add_argument("--pixels", action="store_true", help="also the raw-pixel kNN baseline")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("defaults", help="print every recipe key with its default and meaning")
     p.set_defaults(func=_defaults)

@@ -61,10 +61,32 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _doc("simclr", "pretraining objective: simclr")
-    temperature: float = _doc(0.2, "softmax temperature of the contrastive loss")
-    hidden_dim: int = _doc(512, "projection head hidden width")
-    out_dim: int = _doc(128, "projection head output width")
+    name: str = _doc("simclr", "pretraining objective: simclr, mocov3 or dino")
+    temperature: float = _doc(
+        0.2, "softmax temperature: of the contrastive loss (simclr, mocov3), of the student (dino, 0.1)"
+    )
+    hidden_dim: int = _doc(512, "projection (and prediction) head hidden width")
+    out_dim: int = _doc(128, "head output width (dino: prototypes, 65536 in the paper)")
+    momentum: float = _doc(0.99, "mocov3/dino: EMA momentum at the start, cosine to 1 at the end")
+    bottleneck_dim: int = _doc(256, "dino: head bottleneck width")
+    teacher_temp: float = _doc(0.04, "dino: teacher temperature after warm-up")
+    warmup_teacher_temp: float = _doc(0.04, "dino: teacher temperature at the start")
+    teacher_temp_warmup: float = _doc(0.3, "dino: fraction of training of the teacher-temperature warm-up")
+    local_crops: int = _doc(0, "dino: number of small local crops per image (0: global crops only)")
+    local_crop_size: int | None = _doc(
+        None, "dino: local crop side in pixels (null: 96/224 of model.image_size, a multiple of patch_size)"
+    )
+
+
+@dataclass
+class EvalConfig:
+    k: int = _doc(20, "neighbours of the weighted kNN classifier")
+    temperature: float = _doc(0.07, "temperature of the kNN vote weights exp(sim / T)")
+    train_limit: int | None = _doc(None, "kNN memory bank: first N train images (null: all)")
+    test_limit: int | None = _doc(None, "evaluate on the first N test images (null: all)")
+    batch_size: int = _doc(256, "images per forward pass when extracting features")
+    linear: bool = _doc(False, "also train a linear probe on frozen features")
+    linear_epochs: int = _doc(10, "epochs of the linear probe")
 
 
 @dataclass
@@ -103,6 +125,7 @@ class TrainConfig:
     batch_size: int = _doc(128, "images per step per process (global batch: x processes)")
     seed: int = _doc(0, "seed of model init, data order, augmentations and token dropout")
     log_every: int = _doc(10, "steps between lines of metrics.jsonl")
+    eval_every: int | None = _doc(None, "steps between online kNN evaluations (null: none)")
     checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
     precision: str = _doc("no", "mixed precision: no, fp16 or bf16")
@@ -116,6 +139,7 @@ class Config:
     schedule: ScheduleConfig = _doc(ScheduleConfig(), "compression curriculum")
     optim: OptimConfig = _doc(OptimConfig(), "optimizer and learning-rate schedule")
     train: TrainConfig = _doc(TrainConfig(), "loop length, batch, logging, checkpoints")
+    eval: EvalConfig = _doc(EvalConfig(), "kNN (and linear probe) evaluation of the backbone")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +342,24 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(o.temperature > 0, "objective.temperature", o.temperature, "must be positive")
     _require(o.hidden_dim > 0, "objective.hidden_dim", o.hidden_dim, "must be positive")
     _require(o.out_dim > 0, "objective.out_dim", o.out_dim, "must be positive")
+    _require(0 <= o.momentum < 1, "objective.momentum", o.momentum, "must be in [0, 1)")
+    _require(o.bottleneck_dim > 0, "objective.bottleneck_dim", o.bottleneck_dim, "must be positive")
+    for name in ("teacher_temp", "warmup_teacher_temp"):
+        _require(getattr(o, name) > 0, f"objective.{name}", getattr(o, name), "must be positive")
+    _require(
+        0 < o.teacher_temp_warmup <= 1,
+        "objective.teacher_temp_warmup",
+        o.teacher_temp_warmup,
+        "must be a fraction in (0, 1]",
+    )
+    _require(o.local_crops >= 0, "objective.local_crops", o.local_crops, "must be >= 0")
+    if o.local_crop_size is not None:
+        _require(
+            0 < o.local_crop_size <= m.image_size and o.local_crop_size % m.patch_size == 0,
+            "objective.local_crop_size",
+            o.local_crop_size,
+            f"must be a multiple of model.patch_size ({m.patch_size}) up to model.image_size",
+        )
 
     _validate_ramp(s.keep, "schedule.keep", _keep_ok, "keep ratio must be in (0, 1]")
     allowed = allowed_patch_sizes(m.image_size, m.patch_size)
@@ -343,6 +385,15 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.steps > 0, "train.steps", t.steps, "must be a positive number of steps")
     _require(t.batch_size > 1, "train.batch_size", t.batch_size, "must be at least 2")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+    _require(t.eval_every is None or t.eval_every > 0, "train.eval_every", t.eval_every, "must be > 0")
+    e = cfg.eval
+    _require(e.k > 0, "eval.k", e.k, "must be positive")
+    _require(e.temperature > 0, "eval.temperature", e.temperature, "must be positive")
+    for name in ("train_limit", "test_limit"):
+        value = getattr(e, name)
+        _require(value is None or value > 0, f"eval.{name}", value, "must be positive or null")
+    _require(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
+    _require(e.linear_epochs > 0, "eval.linear_epochs", e.linear_epochs, "must be positive")
     _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
     _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
     _require(t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16")

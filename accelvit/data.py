@@ -118,12 +118,15 @@ DATASETS: dict[str, Callable[[DataConfig, bool], Dataset]] = {
 }
 
 
-def load_dataset(cfg: DataConfig, train: bool = True) -> Dataset:
-    """The labelled train (or test) split named by `data.dataset`; items are (PIL RGB, label)."""
+def load_dataset(cfg: DataConfig, train: bool = True, limited: bool = True) -> Dataset:
+    """The labelled train (or test) split named by `data.dataset`; items are (PIL RGB, label).
+
+    `data.limit` shortens the train split used for pretraining (`limited=False`: the whole split).
+    """
     ds = DATASETS[cfg.dataset](cfg, train)
     if len(ds) == 0:
         raise ConfigError(f"data.root = '{cfg.root}': the dataset is empty")
-    if train and cfg.limit is not None and cfg.limit < len(ds):
+    if train and limited and cfg.limit is not None and cfg.limit < len(ds):
         ds = Subset(ds, range(cfg.limit))
     return ds
 

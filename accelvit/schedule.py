@@ -48,6 +48,15 @@ def snap_patch(value: float, allowed: list[int]) -> int:
     return min(allowed, key=lambda p: (abs(p - value), p))
 
 
+def patch_for_size(patch: int, size: int, base_patch: int) -> int:
+    """Patch size for a view of side `size` (e.g. a DINO local crop) when global views use `patch`.
+
+    The same pixel patch size, snapped to the allowed sizes of that view (divisors of `size` no
+    smaller than the base), so the patch-scaling factor is the same for every view.
+    """
+    return snap_patch(patch, allowed_patch_sizes(size, base_patch))
+
+
 def setting_at(cfg: ScheduleConfig, progress: float, image_size: int, base_patch: int) -> Setting:
     """The compression setting at `progress` (0: start of training, 1: end)."""
     keep = ramp_value(cfg.keep, progress)

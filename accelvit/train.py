@@ -32,6 +32,7 @@ from accelvit.checkpoint import (
 from accelvit.config import Config, ConfigError, OptimConfig
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
 from accelvit.distributed import use_cpu
+from accelvit.evaluate import evaluate_backbone
 from accelvit.objectives import OBJECTIVES
 from accelvit.schedule import lr_at, setting_at
 
@@ -109,7 +110,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     sampler = StepBatchSampler(
         len(images), batch, cfg.train.seed, state.step, steps, accelerator.process_index, world
     )
-    transform = objective.transform(image_size, cfg.data)
+    transform = objective.transform(cfg.objective, cfg.model, cfg.data)
     loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
 
     stop = StopRequest()
@@ -132,7 +133,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                 group["lr"] = lr
 
             # Forward, backward, step, momentum
-            loss = model(views, setting)
+            loss = model(views, setting, progress)
             accelerator.backward(loss)
             if cfg.optim.clip_grad is not None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
@@ -166,6 +167,16 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                         patch=setting.patch,
                         img_s=f"{record['images_per_s']:.0f}",
                     )
+
+            # Evaluate (kNN on the labelled splits, main process)
+            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                if main:
+                    backbone = accelerator.unwrap_model(model).backbone
+                    result = evaluate_backbone(backbone, cfg.model, cfg.data, cfg.eval, accelerator.device)
+                    with open(run_dir / METRICS, "a") as f:
+                        f.write(json.dumps({"step": state.step, "knn_top1": result["knn_top1"]}) + "\n")
+                    bar.write(f"step {state.step}: kNN top-1 {result['knn_top1']:.4f}")
+                accelerator.wait_for_everyone()
 
             # Checkpoint (and stop, on a signal from any process)
             stopping = _any_process(accelerator, stop.requested)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = model(views, setting)
+        loss = model(views, setting, 0.0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

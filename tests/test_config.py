@@ -72,7 +72,7 @@ def test_set_overrides_parse_yaml(tiny_recipe):
             "data.root = '/nonexistent/fmnist': dataset folder does not exist",
         ),
         (["train.precision=fp8"], "train.precision = 'fp8'"),
-        (["objective.name=byol"], "objective.name = 'byol': expected one of ['simclr']"),
+        (["objective.name=byol"], "objective.name = 'byol': expected one of ['dino', 'mocov3', 'simclr']"),
         (["schedule.dropout_views=key"], "schedule.dropout_views = 'key'"),
     ],
 )

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from accelvit.config import ConfigError, DataConfig
+from accelvit.config import ConfigError, DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.data import StepBatchSampler, ViewDataset, build_loader, load_dataset, read_idx
 from accelvit.objectives.simclr import build_transform
+
+
+def simclr_views(data: DataConfig):
+    return build_transform(ObjectiveConfig(), ModelConfig(image_size=16, patch_size=4), data)
 
 
 def write_idx(path, array: np.ndarray, gz: bool) -> None:
@@ -66,7 +70,7 @@ def test_sampler_resumes_and_splits_over_processes_consistently():
 
 def test_views_do_not_depend_on_workers_and_leave_global_rng_alone():
     data = DataConfig(dataset="synthetic", limit=16)
-    images, transform = load_dataset(data), build_transform(16, data)
+    images, transform = load_dataset(data), simclr_views(data)
     batches = {}
     for workers in (0, 2):
         torch.manual_seed(123)
@@ -83,7 +87,7 @@ def test_views_do_not_depend_on_workers_and_leave_global_rng_alone():
 
 def test_view_dataset_is_deterministic_per_seed():
     data = DataConfig(dataset="synthetic", limit=4)
-    ds = ViewDataset(load_dataset(data), build_transform(16, data))
+    ds = ViewDataset(load_dataset(data), simclr_views(data))
     a, b, c = ds[(1, 7)][0], ds[(1, 7)][0], ds[(1, 8)][0]
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
 
@@ -102,7 +106,7 @@ def test_image_folder_with_train_and_val(tmp_path):
     assert (len(train), len(val)) == (6, 4)
     image, label = train[5]
     assert image.mode == "RGB" and label == 1
-    views, _ = ViewDataset(train, build_transform(16, cfg))[(5, 0)]
+    views, _ = ViewDataset(train, simclr_views(cfg))[(5, 0)]
     assert [v.shape for v in views] == [(3, 16, 16), (3, 16, 16)]
 
 

@@ -1,8 +1,9 @@
 """Pretraining objectives: a plain dict from `objective.name` to how to build it.
 
 An objective is an `nn.Module` built as `build(cfg, backbone, dropout_views)` whose
-`forward(views, setting)` returns the loss and whose `update_momentum(progress)` runs after each
-optimizer step, plus `transform(image_size, data_cfg)` that turns one image into its views.
+`forward(views, setting, progress)` returns the loss and whose `update_momentum(progress)` runs
+after each optimizer step, plus `transform(objective_cfg, model_cfg, data_cfg)` that turns one
+image into its list of views.
 A new objective is one module and one entry here.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from accelvit.objectives import simclr
+from accelvit.objectives import dino, mocov3, simclr
 
 
 @dataclass(frozen=True)
@@ -24,4 +25,6 @@ class Objective:
 
 OBJECTIVES: dict[str, Objective] = {
     "simclr": Objective(build=simclr.SimCLR, transform=simclr.build_transform),
+    "mocov3": Objective(build=mocov3.MoCoV3, transform=mocov3.build_transform),
+    "dino": Objective(build=dino.DINO, transform=dino.build_transform),
 }

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from accelvit.compress import forward_features
-from accelvit.config import DataConfig, ObjectiveConfig
+from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.schedule import Setting
 
 
@@ -28,7 +28,7 @@ class SimCLR(nn.Module):
         self.head = SimCLRProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.out_dim)
         self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=True)
 
-    def forward(self, views: list[torch.Tensor], setting: Setting) -> torch.Tensor:
+    def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
         """Loss for two batches of views, each (B, C, H, W); one backbone pass over both."""
         x0, x1 = views
         z = self.head(forward_features(self.backbone, torch.cat([x0, x1]), setting.keep, setting.patch))
@@ -39,6 +39,6 @@ class SimCLR(nn.Module):
         """SimCLR has no momentum encoder."""
 
 
-def build_transform(image_size: int, data: DataConfig) -> Callable:
+def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:
     """Two SimCLR views (random resized crop, flip, colour jitter, grey, blur) per image."""
-    return SimCLRTransform(input_size=image_size, min_scale=data.crop_min_scale)
+    return SimCLRTransform(input_size=model.image_size, min_scale=data.crop_min_scale)

@@ -1,0 +1,105 @@
+"""DINO (Caron et al., ICCV 2021): student and momentum teacher with DINO heads, multi-crop views,
+cross-entropy to the centred, sharpened teacher output.
+
+The teacher sees the two global crops; the student sees all crops. Token dropout goes to the
+student's views (global and local); the teacher sees full token sets unless
+`schedule.dropout_views: all`. Patch scaling applies to every view: local crops use the allowed
+patch size of their own resolution nearest to the step's patch size (`patch_for_size`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.transforms import DINOTransform
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from accelvit.compress import base_patch_size, forward_features
+from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
+from accelvit.objectives.momentum import momentum_at
+from accelvit.schedule import Setting, patch_for_size
+
+
+class DINO(nn.Module):
+    """Student (backbone + DINO head) and EMA teacher; `forward` returns the DINO loss."""
+
+    def __init__(self, cfg: ObjectiveConfig, backbone: VisionTransformer, dropout_views: str):
+        super().__init__()
+        self.backbone = backbone
+
+        def head() -> DINOProjectionHead:
+            return DINOProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim)
+
+        self.head = head()
+        self.teacher_backbone = copy.deepcopy(backbone)
+        # The head's weight norm cannot be deep-copied; the teacher starts from the student's weights.
+        self.teacher_head = head()
+        self.teacher_head.load_state_dict(self.head.state_dict())
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        self.criterion = DINOLoss(
+            output_dim=cfg.out_dim,
+            warmup_teacher_temp=cfg.warmup_teacher_temp,
+            teacher_temp=cfg.teacher_temp,
+            student_temp=cfg.temperature,
+        )
+        self.cfg = cfg
+        self.drop_teacher = dropout_views == "all"
+
+    def teacher_temp(self, progress: float) -> float:
+        """Linear warm-up of the teacher temperature over `teacher_temp_warmup` of training."""
+        cfg = self.cfg
+        if progress >= cfg.teacher_temp_warmup:
+            return cfg.teacher_temp
+        frac = progress / cfg.teacher_temp_warmup
+        return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * frac
+
+    def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
+        """Loss of 2 global views (B, C, H, W) and any number of smaller local views."""
+        global_views, local_views = views[:2], views[2:]
+        keep, patch = setting.keep, setting.patch
+        with torch.no_grad():
+            teacher_keep = keep if self.drop_teacher else 1.0
+            teacher = self.teacher_head(
+                forward_features(self.teacher_backbone, torch.cat(global_views), teacher_keep, patch)
+            ).chunk(2)
+        student = list(
+            self.head(forward_features(self.backbone, torch.cat(global_views), keep, patch)).chunk(2)
+        )
+        if local_views:
+            size = local_views[0].shape[-1]
+            local_patch = patch_for_size(patch, size, base_patch_size(self.backbone))
+            local = self.head(forward_features(self.backbone, torch.cat(local_views), keep, local_patch))
+            student += list(local.chunk(len(local_views)))
+        return self.criterion(list(teacher), student, teacher_temp=self.teacher_temp(progress))
+
+    @torch.no_grad()
+    def update_momentum(self, progress: float) -> None:
+        m = momentum_at(self.cfg.momentum, progress)
+        update_momentum(self.backbone, self.teacher_backbone, m)
+        update_momentum(self.head, self.teacher_head, m)
+
+
+def local_crop_size(image_size: int, base_patch: int) -> int:
+    """DINO's 96/224 ratio, rounded down to a multiple of the base patch (at least one patch)."""
+    return max(base_patch, (image_size * 96 // 224) // base_patch * base_patch)
+
+
+def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:
+    """Two global crops at `model.image_size` and `objective.local_crops` smaller local crops.
+
+    Crop scales are the paper's: global (0.4, 1) with local crops, (0.14, 1) without; local (0.05, 0.4).
+    """
+    local_size = cfg.local_crop_size or local_crop_size(model.image_size, model.patch_size)
+    return DINOTransform(
+        global_crop_size=model.image_size,
+        global_crop_scale=(0.4, 1.0) if cfg.local_crops else (0.14, 1.0),
+        local_crop_size=local_size,
+        n_local_views=cfg.local_crops,
+    )

@@ -1,0 +1,91 @@
+"""MoCo-v3 (Chen, Xie and He, ICCV 2021): query encoder with projection and prediction heads,
+momentum key encoder, symmetric contrastive loss against the other view's keys.
+
+Token dropout goes to the query views (the gradient-carrying branch); keys see the full token set
+unless `schedule.dropout_views: all`. Patch scaling applies to queries and keys alike.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+from lightly.utils import dist
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from accelvit.compress import forward_features
+from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
+from accelvit.objectives.momentum import momentum_at
+from accelvit.schedule import Setting
+
+
+def contrastive_loss(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo-v3's InfoNCE: each query against every key of the global batch, scaled by 2 * T.
+
+    lightly's NTXentLoss also contrasts queries with queries, so the paper's loss is written here.
+
+    Args:
+        query: (B, D) from the query encoder; key: (B, D) from the momentum encoder (no grad).
+    """
+    query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
+    keys = torch.cat(dist.gather(key)) if dist.world_size() > 1 else key
+    logits = query @ keys.T / temperature
+    labels = torch.arange(len(query), device=query.device) + dist.rank() * len(query)
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+class MoCoV3(nn.Module):
+    """Query encoder (backbone, projection, prediction) and momentum key encoder."""
+
+    def __init__(self, cfg: ObjectiveConfig, backbone: VisionTransformer, dropout_views: str):
+        super().__init__()
+        self.backbone = backbone
+        self.projection = MoCoProjectionHead(
+            backbone.num_features, cfg.hidden_dim, cfg.out_dim, num_layers=3, batch_norm=True
+        )
+        self.prediction = MoCoProjectionHead(
+            cfg.out_dim, cfg.hidden_dim, cfg.out_dim, num_layers=2, batch_norm=True
+        )
+        self.momentum_backbone = copy.deepcopy(backbone)
+        self.momentum_projection = copy.deepcopy(self.projection)
+        deactivate_requires_grad(self.momentum_backbone)
+        deactivate_requires_grad(self.momentum_projection)
+        self.temperature = cfg.temperature
+        self.momentum = cfg.momentum
+        self.drop_keys = dropout_views == "all"
+
+    def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
+        """Symmetric loss of two views (B, C, H, W): each view is the query once."""
+        x = torch.cat(views)
+        query = self.prediction(
+            self.projection(forward_features(self.backbone, x, setting.keep, setting.patch))
+        )
+        with torch.no_grad():
+            key_keep = setting.keep if self.drop_keys else 1.0
+            key = self.momentum_projection(
+                forward_features(self.momentum_backbone, x, key_keep, setting.patch)
+            )
+        q0, q1 = query.chunk(2)
+        k0, k1 = key.chunk(2)
+        return contrastive_loss(q0, k1, self.temperature) + contrastive_loss(q1, k0, self.temperature)
+
+    @torch.no_grad()
+    def update_momentum(self, progress: float) -> None:
+        m = momentum_at(self.momentum, progress)
+        update_momentum(self.backbone, self.momentum_backbone, m)
+        update_momentum(self.projection, self.momentum_projection, m)
+
+
+def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:
+    """BYOL's asymmetric views as MoCo-v3 uses them: blur always in view 1, solarize in view 2."""
+    size, scale = model.image_size, data.crop_min_scale
+    return BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=size, min_scale=scale),
+        view_2_transform=BYOLView2Transform(input_size=size, min_scale=scale),
+    )
