@@ -25,18 +25,23 @@ from accelvit.objectives.momentum import momentum_at
 from accelvit.schedule import Setting
 
 
-def contrastive_loss(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss(
+    query: torch.Tensor, key: torch.Tensor, temperature: float, gather: bool = True
+) -> torch.Tensor:
     """MoCo-v3's InfoNCE: each query against every key of the global batch, scaled by 2 * T.
 
     lightly's NTXentLoss also contrasts queries with queries, so the paper's loss is written here.
 
     Args:
         query: (B, D) from the query encoder; key: (B, D) from the momentum encoder (no grad).
+        gather: use the keys of every process as negatives (False: this process's only).
     """
     query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
-    keys = torch.cat(dist.gather(key)) if dist.world_size() > 1 else key
+    gather = gather and dist.world_size() > 1
+    keys = torch.cat(dist.gather(key)) if gather else key
     logits = query @ keys.T / temperature
-    labels = torch.arange(len(query), device=query.device) + dist.rank() * len(query)
+    offset = dist.rank() * len(query) if gather else 0
+    labels = torch.arange(len(query), device=query.device) + offset
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
@@ -59,6 +64,7 @@ class MoCoV3(nn.Module):
         self.temperature = cfg.temperature
         self.momentum = cfg.momentum
         self.drop_keys = dropout_views == "all"
+        self.gather_distributed = True  # negatives from every process
 
     def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
         """Symmetric loss of two views (B, C, H, W): each view is the query once."""
@@ -73,7 +79,8 @@ class MoCoV3(nn.Module):
             )
         q0, q1 = query.chunk(2)
         k0, k1 = key.chunk(2)
-        return contrastive_loss(q0, k1, self.temperature) + contrastive_loss(q1, k0, self.temperature)
+        t, gather = self.temperature, self.gather_distributed
+        return contrastive_loss(q0, k1, t, gather) + contrastive_loss(q1, k0, t, gather)
 
     @torch.no_grad()
     def update_momentum(self, progress: float) -> None:

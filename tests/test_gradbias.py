@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from accelvit.backbone import build_backbone
+from accelvit.compress import drop_tokens, embed_tokens
+from accelvit.config import ModelConfig, ObjectiveConfig
+from accelvit.gradbias import measure, parameter_groups, summarize
+from accelvit.objectives import OBJECTIVES
+from accelvit.schedule import Setting
+
+MODEL = ModelConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+
+
+def simclr(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = ObjectiveConfig(hidden_dim=32, out_dim=16)
+    return OBJECTIVES["simclr"].build(cfg, build_backbone(MODEL), "query")
+
+
+def batches(k: int, size: int = 8) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [[torch.randn(size, 3, 16, 16, generator=gen) for _ in range(2)] for _ in range(k)]
+
+
+def test_groups_cover_every_trainable_parameter_once():
+    model = simclr()
+    params, groups = parameter_groups(model)
+    names = [g.name for g in groups]
+    assert names == ["patch_embed", "block_00", "block_01", "backbone_norm", "head"]
+    assert groups[-1].stop == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert all(a.stop == b.start for a, b in zip(groups, groups[1:], strict=False))
+    assert len({id(p) for p in params}) == len(params)
+
+
+def test_full_setting_has_zero_bias_and_cosine_one():
+    model = simclr()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    raw = measure(model, batches(3), [Setting(1.0, 4)], base_patch=4)
+    (row,) = summarize(raw)
+    assert row["bias_sq_plain"] == 0.0 and row["relative_bias"] == 0.0
+    assert row["bias_sq"] == pytest.approx(0.0, abs=1e-12)
+    assert row["cosine"] == pytest.approx(1.0) and row["cosine_batch"] == pytest.approx(1.0)
+    assert row["variance"] == pytest.approx(row["variance_full"])
+    assert set(row["groups"]) == {"patch_embed", "block_00", "block_01", "backbone_norm", "head"}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was changed
+    assert all(p.grad is None for p in model.parameters())
+
+
+class TokenMean(nn.Module):
+    """Linear model of the mean patch token: the dropout gradient is unbiased in closed form.
+
+    loss = w . mean_i(x_i) over kept tokens, so d loss / d w = mean of the kept tokens, an unbiased
+    estimate of the mean over all tokens (sampling without replacement).
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.backbone = vit
+        self.w = nn.Parameter(torch.ones(vit.embed_dim))
+
+    def forward(self, views, setting, progress):
+        with torch.no_grad():
+            tokens = embed_tokens(self.backbone, views[0], setting.patch)
+        kept = drop_tokens(tokens, setting.keep, num_prefix=1)[:, 1:]
+        return (kept.mean(dim=1) @ self.w).mean()
+
+
+def test_dropout_on_a_token_mean_model_is_unbiased_with_the_theoretical_variance():
+    torch.manual_seed(0)
+    vit = build_backbone(MODEL)
+    for p in vit.parameters():
+        p.requires_grad_(False)
+    model = TokenMean(vit)
+    # one image per batch, the same image every time: the only randomness is the token subset
+    image = torch.randn(1, 3, 16, 16)
+    k = 400
+    raw = measure(model, [[image, image]] * k, [Setting(0.25, 4)], base_patch=4)
+    (row,) = summarize(raw)
+    tokens = embed_tokens(vit, image, 4)[0, 1:]  # (N, D), N = 16
+    n, m = tokens.shape[0], 4
+    # variance of the mean of m of n items drawn without replacement, summed over dimensions
+    per_dim = tokens.var(dim=0, unbiased=True) / m * (n - m) / n
+    assert row["variance"] == pytest.approx(per_dim.sum().item(), rel=0.15)
+    assert row["variance_full"] == pytest.approx(0.0, abs=1e-10)
+    assert abs(row["bias_sq"]) < 0.05 * row["variance"]
+    assert row["bias_sq_plain"] == pytest.approx(row["variance"] / k, rel=0.5)  # noise only
+
+
+def test_patch_scaling_of_a_trained_model_is_biased():
+    model = simclr()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for views in batches(15, size=16):  # a little training moves the kernel off its init
+        loss = model(views, Setting(1.0, 4), 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # The same batch K times: without dropout both gradients are deterministic, so the whole
+    # difference is bias and the finite-sample correction vanishes.
+    views = batches(1)[0]
+    raw = measure(model, [views] * 3, [Setting(1.0, 8), Setting(1.0, 4)], base_patch=4)
+    scaled, full = summarize(raw)
+    assert scaled["variance"] == pytest.approx(0.0, abs=1e-9)
+    assert scaled["bias_sq"] == pytest.approx(scaled["bias_sq_plain"]) and scaled["bias_sq"] > 0
+    assert scaled["relative_bias"] > 0.05
+    assert scaled["cosine"] < 0.999 and full["cosine"] == pytest.approx(1.0)
+    assert full["bias_sq"] == pytest.approx(0.0, abs=1e-12)
+    assert scaled["ca_mse"] == pytest.approx(scaled["bias_sq"] + scaled["cost"] * scaled["variance"])
