@@ -85,6 +85,64 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grad_error(args: argparse.Namespace) -> int:
+    from accelvit.checkpoint import RECIPE, checkpoint_step
+    from accelvit.config import allowed_patch_sizes
+    from accelvit.export import resolve_checkpoint
+    from accelvit.gradbias import default_strategies, estimate, parse_strategies
+    from accelvit.report import grad_table, write_grad_report
+
+    source = Path(args.source)
+    checkpoint, step = None, 0
+    if source.is_dir():
+        if not (source / RECIPE).is_file():
+            raise ConfigError(f"'{source}' is neither a recipe nor a run directory (no {RECIPE})")
+        cfg = load_config(source / RECIPE, args.set)
+        checkpoint = resolve_checkpoint(source, args.checkpoint)
+        step = checkpoint_step(checkpoint)
+    else:
+        cfg = load_config(source, args.set)
+    try:
+        strategies = (
+            parse_strategies(args.strategies)
+            if args.strategies
+            else default_strategies(
+                cfg.model.patch_size, allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
+            )
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.batches < 2:
+        raise ConfigError(f"--batches {args.batches}: at least 2 are needed for a variance")
+    try:
+        report = estimate(cfg, strategies, args.batches, checkpoint, step)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        paths = write_grad_report(report, Path(args.output))
+        print(grad_table(report))
+        print("written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from accelvit.gradbias import SCHEMA
+    from accelvit.report import compare_table, load_grad_report, plot_grad_report
+
+    paths = [Path(p) for p in args.reports]
+    reports = [load_grad_report(p, SCHEMA) for p in paths]
+    labels = [p.stem for p in paths]
+    table = compare_table(reports, labels)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table)
+    if args.plot:
+        plot_grad_report(reports, Path(args.plot), labels)
+    return 0
+
+
 def _defaults(args: argparse.Namespace) -> int:
     print(describe_defaults(), end="")
     return 0
@@ -133,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear", action="store_true", help="also train a linear probe")
     p.add_argument("--pixels", action="store_true", help="also the raw-pixel kNN baseline")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("grad-error", help="compare compressed and full-input gradients")
+    p.add_argument("source", metavar="RECIPE_OR_RUN_DIR")
+    p.add_argument("--checkpoint", help="checkpoint of a run (default: newest)")
+    p.add_argument("--strategies", help="keep:patch list, e.g. 1.0:16,0.5:16,0.25:32")
+    p.add_argument("--batches", type=int, default=8, help="K, the number of batches (default 8)")
+    p.add_argument("-o", "--output", required=True, help="REPORT.json (.md and .png go beside it)")
+    overrides(p)
+    p.set_defaults(func=_grad_error)
+
+    p = sub.add_parser("compare", help="put grad-error reports side by side")
+    p.add_argument("reports", nargs="+")
+    p.add_argument("-o", "--output", help="write the Markdown table here")
+    p.add_argument("--plot", help="PNG of bias² and CA-MSE against cost")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("defaults", help="print every recipe key with its default and meaning")
     p.set_defaults(func=_defaults)

@@ -20,6 +20,7 @@ model's parameters, buffers and gradients are left as they were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class _Sums:
 
     def __init__(self, size: int, num_groups: int, device: torch.device):
         self.vec = torch.zeros(size, dtype=torch.float64, device=device)
-        # per group: sum ||ĝ_k||^2, sum ||d_k||^2, sum cos(ĝ_k, g_k), sum seconds (col 0 only)
+        # per group: sum ||ĝ_k||^2, sum ||d_k||^2, sum cos(ĝ_k, g_k); [0, 3]: seconds after batch 0
         self.scalars = torch.zeros(num_groups + 1, 4, dtype=torch.float64, device=device)
 
 
@@ -177,7 +178,8 @@ def measure(
                 g, seconds = gradient(model, params, views, full_setting, progress, autocast)
             full.vec += g
             full.scalars[:, 0] += _group_sq(g, groups)
-            full.scalars[0, 3] += seconds
+            timed = float(count.item() > 0)  # the first batch warms up kernels and caches
+            full.scalars[0, 3] += seconds * timed
             for setting, acc in zip(strategies, sums, strict=True):
                 restore_buffers()
                 with _per_process_losses(model):
@@ -188,7 +190,7 @@ def measure(
                 acc.scalars[:, 1] += _group_sq(d, groups)
                 norms = (_group_sq(gs, groups) * _group_sq(g, groups)).sqrt().clamp_min(1e-30)
                 acc.scalars[:, 2] += _group_dot(gs, g, groups) / norms
-                acc.scalars[0, 3] += seconds
+                acc.scalars[0, 3] += seconds * timed
             count += 1
     finally:
         restore_buffers()
@@ -218,7 +220,7 @@ def summarize(raw: dict, flops: dict[Setting, float] | None = None) -> list[dict
     slices = [(g.start, g.stop) for g in groups] + [(0, len(g_vec))]
     rows = []
     for setting, vec, scalars in raw["strategies"]:
-        cost = (scalars[0, 3].item() / k) / full_seconds if full_seconds > 0 else float("nan")
+        cost = scalars[0, 3].item() / (k * full_seconds) if full_seconds > 0 else float("nan")
         row: dict = {"keep": setting.keep, "patch": setting.patch, "cost": cost}
         if flops is not None:
             row["flops"] = flops[setting]
@@ -248,3 +250,110 @@ def summarize(raw: dict, flops: dict[Setting, float] | None = None) -> list[dict
         row["groups"] = per_group
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the estimator on a recipe or a run's checkpoint
+
+SCHEMA = "accelvit.grad-error/1"
+
+
+def parse_strategies(text: str) -> list[Setting]:
+    """'1.0:16,0.5:16,0.25:32' -> settings (keep:patch pairs)."""
+    out = []
+    for item in text.split(","):
+        keep, sep, patch = item.strip().partition(":")
+        try:
+            out.append(Setting(float(keep), int(patch)))
+        except ValueError:
+            raise ValueError(f"--strategies: {item!r} is not keep:patch (e.g. 0.5:16)") from None
+    return out
+
+
+def default_strategies(base: int, allowed: list[int]) -> list[Setting]:
+    patches = [p for p in (base, 2 * base) if p in allowed] or [base]
+    return [Setting(k, p) for p in patches for k in (1.0, 0.5, 0.25) if (k, p) != (1.0, base)]
+
+
+def estimate(
+    cfg,
+    strategies: list[Setting],
+    num_batches: int,
+    checkpoint=None,
+    step: int = 0,
+) -> dict:
+    """Run the estimator for `cfg` (weights from `checkpoint`, else a fresh init); returns a report.
+
+    Batch k is batch `step + k` of the run's data stream (the same views whatever the number of
+    processes); process r measures the batches with k % processes == r, token subsets seeded per
+    batch, and the sums are added over processes.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+
+    from accelvit.backbone import build_backbone, vit_shape
+    from accelvit.budget import relative_cost
+    from accelvit.config import allowed_patch_sizes
+    from accelvit.data import StepBatchSampler, build_loader, load_dataset
+    from accelvit.distributed import use_cpu
+    from accelvit.objectives import OBJECTIVES
+
+    started = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
+    allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
+    for s in strategies:
+        if not (0 < s.keep <= 1) or s.patch not in allowed:
+            raise ValueError(f"strategy {s.keep}:{s.patch}: keep must be in (0, 1], patch one of {allowed}")
+    set_seed(cfg.train.seed)
+    objective = OBJECTIVES[cfg.objective.name]
+    backbone = build_backbone(cfg.model)
+    shape = vit_shape(backbone, cfg.model.image_size)
+    model = objective.build(cfg.objective, backbone, cfg.schedule.dropout_views)
+    if checkpoint is not None:
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    model.to(accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    images = load_dataset(cfg.data)
+    stream = StepBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, step, step + num_batches)
+    mine = [(k, keys) for k, keys in enumerate(stream) if k % world == rank]
+    loader = build_loader(
+        images,
+        objective.transform(cfg.objective, cfg.model, cfg.data),
+        cfg.data.workers,
+        [keys for _, keys in mine],
+        accelerator.device.type == "cuda",
+    )
+
+    def batches() -> Iterator[list[torch.Tensor]]:
+        for (k, _), (views, _) in zip(mine, loader, strict=True):
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step + k)  # token subsets of batch k
+            yield [v.to(accelerator.device) for v in views]
+
+    progress = step / cfg.train.steps
+    raw = measure(
+        model,
+        batches(),
+        strategies,
+        cfg.model.patch_size,
+        progress,
+        reduce=lambda t: accelerator.reduce(t, "sum"),
+        autocast=accelerator.autocast,
+    )
+    flops = {s: relative_cost(shape, s, cfg.model.patch_size) for s in strategies}
+    rows = summarize(raw, flops)
+    return {
+        "schema": SCHEMA,
+        "model": dataclasses.asdict(cfg.model),
+        "objective": cfg.objective.name,
+        "dataset": cfg.data.dataset,
+        "step": step,
+        "progress": progress,
+        "batches": int(raw["count"]),
+        "batch_size": cfg.train.batch_size,
+        "processes": world,
+        "device": accelerator.device.type,
+        "groups": [g.name for g in raw["groups"]],
+        "strategies": rows,
+        "wall_s": time.perf_counter() - started,
+    }

@@ -44,3 +44,129 @@ def plot_schedule(rows: list[ScheduleRow], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient-error reports
+
+GRAD_COLUMNS = ("keep", "patch", "flops", "cost", "bias_sq", "relative_bias", "variance", "cosine", "ca_mse")
+
+
+def grad_table(report: dict) -> str:
+    """Markdown table of one grad-error report; the lowest CA-MSE is marked."""
+    rows = report["strategies"]
+    best = min(range(len(rows)), key=lambda i: rows[i]["ca_mse"])
+    head = (
+        f"grad-error of {report['objective']} on {report['dataset']} at step {report['step']} "
+        f"(progress {report['progress']:.2f}), K={report['batches']} batches of {report['batch_size']}, "
+        f"{report['processes']} process(es); full-input variance "
+        f"{rows[0]['variance_full']:.4g}\n\n"
+    )
+    lines = ["| " + " | ".join(GRAD_COLUMNS) + " |", "|" + "---|" * len(GRAD_COLUMNS)]
+    for i, row in enumerate(rows):
+        cells = [_fmt(row.get(c)) for c in GRAD_COLUMNS]
+        if i == best:
+            cells[-1] = f"**{cells[-1]}** (best)"
+        lines.append("| " + " | ".join(cells) + " |")
+    groups = report["groups"]
+    glines = [
+        "",
+        "bias² per parameter group:",
+        "",
+        "| strategy | " + " | ".join(groups) + " |",
+        "|" + "---|" * (len(groups) + 1),
+    ]
+    for row in rows:
+        cells = [_fmt(row["groups"][g]["bias_sq"]) for g in groups]
+        glines.append(f"| {row['keep']}:{row['patch']} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines + glines) + "\n"
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def plot_grad_report(reports: list[dict], path: Path, labels: list[str]) -> Path:
+    """bias² and CA-MSE against cost, one marker series per report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for report, label in zip(reports, labels, strict=True):
+        rows = report["strategies"]
+        cost = [r["cost"] for r in rows]
+        for ax, key in zip(axes, ("bias_sq", "ca_mse"), strict=True):
+            ax.scatter(cost, [max(r[key], 1e-12) for r in rows], label=label)
+            for r, c in zip(rows, cost, strict=True):
+                ax.annotate(f"{r['keep']}:{r['patch']}", (c, max(r[key], 1e-12)), fontsize=7)
+    for ax, title in zip(
+        axes, ("bias² (unbiased estimate)", "CA-MSE = bias² + cost × variance"), strict=True
+    ):
+        ax.set_xlabel("cost relative to the full step")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_grad_report(report: dict, path: Path) -> list[Path]:
+    """REPORT.json plus REPORT.md and REPORT.png beside it."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    md = path.with_suffix(".md")
+    md.write_text(grad_table(report))
+    png = plot_grad_report([report], path.with_suffix(".png"), [path.stem])
+    return [path, md, png]
+
+
+def load_grad_report(path: Path, schema: str) -> dict:
+    import json
+
+    from accelvit.config import ConfigError
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable grad-error report ({exc})") from None
+    if report.get("schema") != schema:
+        raise ConfigError(f"{path}: report schema {report.get('schema')!r}, this accelvit reads {schema!r}")
+    return report
+
+
+def compare_table(reports: list[dict], labels: list[str]) -> str:
+    """Strategies x reports for bias², relative bias, cosine, CA-MSE and cost; best per report marked."""
+    keys = sorted(
+        {(r["keep"], r["patch"]) for rep in reports for r in rep["strategies"]}, key=lambda t: (t[1], -t[0])
+    )
+    out = []
+    for metric in ("bias_sq", "relative_bias", "cosine", "ca_mse", "cost"):
+        out += [
+            f"### {metric}",
+            "",
+            "| strategy | " + " | ".join(labels) + " |",
+            "|" + "---|" * (len(labels) + 1),
+        ]
+        for keep, patch in keys:
+            cells = []
+            for rep in reports:
+                rows = {(r["keep"], r["patch"]): r for r in rep["strategies"]}
+                row = rows.get((keep, patch))
+                best = min(rep["strategies"], key=lambda r: r["ca_mse"])
+                cell = _fmt(row[metric]) if row else ""
+                if row is best and metric == "ca_mse":
+                    cell = f"**{cell}**"
+                cells.append(cell)
+            out.append(f"| {keep}:{patch} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)

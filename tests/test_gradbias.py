@@ -109,3 +109,132 @@ def test_patch_scaling_of_a_trained_model_is_biased():
     assert scaled["cosine"] < 0.999 and full["cosine"] == pytest.approx(1.0)
     assert full["bias_sq"] == pytest.approx(0.0, abs=1e-12)
     assert scaled["ca_mse"] == pytest.approx(scaled["bias_sq"] + scaled["cost"] * scaled["variance"])
+
+
+def run_cli(*args: str, env: dict | None = None, processes: int = 1) -> None:
+    import os
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "accelvit.cli"]
+    if processes > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            "29517",
+            "-m",
+            "accelvit.cli",
+        ]
+    result = subprocess.run(
+        [*launcher, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_give_the_one_process_report(tmp_path, tiny_recipe):
+    import json
+
+    common = ["grad-error", str(tiny_recipe), "--batches", "4", "--strategies", "1.0:8,0.5:4,0.25:8"]
+    run_cli(*common, "-o", str(tmp_path / "one.json"))
+    run_cli(*common, "-o", str(tmp_path / "two.json"), processes=2)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["processes"], two["processes"], one["batches"], two["batches"]) == (1, 2, 4, 4)
+    for a, b in zip(one["strategies"], two["strategies"], strict=True):
+        for key in (
+            "bias_sq",
+            "bias_sq_plain",
+            "relative_bias",
+            "variance",
+            "variance_full",
+            "cosine",
+            "cosine_batch",
+        ):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        for group in one["groups"]:
+            assert a["groups"][group]["bias_sq"] == pytest.approx(
+                b["groups"][group]["bias_sq"], rel=1e-3, abs=1e-4
+            )
+
+
+def test_grad_error_writes_report_table_and_plot_and_compare_reads_them(tmp_path, tiny_recipe, capsys):
+    import json
+
+    from accelvit.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["grad-error", str(tiny_recipe), "--batches", "2", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == "accelvit.grad-error/1"
+    assert [(r["keep"], r["patch"]) for r in report["strategies"]] == [
+        (0.5, 4),
+        (0.25, 4),
+        (1.0, 8),
+        (0.5, 8),
+        (0.25, 8),
+    ]
+    assert {
+        "model",
+        "objective",
+        "dataset",
+        "step",
+        "progress",
+        "batches",
+        "batch_size",
+        "processes",
+        "groups",
+        "wall_s",
+    } <= set(report)
+    assert "(best)" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+    capsys.readouterr()
+
+    assert (
+        main(["compare", str(out), str(out), "-o", str(tmp_path / "c.md"), "--plot", str(tmp_path / "c.png")])
+        == 0
+    )
+    table = (tmp_path / "c.md").read_text()
+    assert "### ca_mse" in table and "| 0.25:8 |" in table
+    assert (tmp_path / "c.png").exists()
+
+    other = tmp_path / "old.json"
+    other.write_text(json.dumps({**report, "schema": "accelvit.grad-error/0"}))
+    assert main(["compare", str(out), str(other)]) == 2
+    assert "report schema 'accelvit.grad-error/0'" in capsys.readouterr().err
+
+
+def test_grad_error_on_a_run_checkpoint(tmp_path, tiny_recipe):
+    import json
+
+    from accelvit.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir)]) == 0
+    out = tmp_path / "r.json"
+    assert (
+        main(
+            [
+                "grad-error",
+                str(run_dir),
+                "--checkpoint",
+                "step_3",
+                "--batches",
+                "2",
+                "--strategies",
+                "0.5:4",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["step"] == 3 and report["progress"] == 0.5
+    assert main(["grad-error", str(run_dir), "--strategies", "0.5:5", "-o", str(out)]) == 2
