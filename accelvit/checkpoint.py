@@ -3,6 +3,7 @@
 RUN_DIR/
   recipe.yaml          the resolved recipe; `accelvit pretrain RUN_DIR/recipe.yaml` reproduces the run
   metrics.jsonl        one JSON line per `train.log_every` steps
+  grad_error/step_N.*  gradient-bias reports taken during training (`train.grad_error_at`)
   checkpoints/step_N/  accelerate's `save_state` (model, optimizer, RNG states of every process)
                        + trainer_state.json (step, images seen) + manifest.json (files and sizes)
 
@@ -27,6 +28,7 @@ from accelvit.distributed import process_state
 
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
+GRAD_ERROR = "grad_error"
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"

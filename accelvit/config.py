@@ -126,6 +126,11 @@ class TrainConfig:
     seed: int = _doc(0, "seed of model init, data order, augmentations and token dropout")
     log_every: int = _doc(10, "steps between lines of metrics.jsonl")
     eval_every: int | None = _doc(None, "steps between online kNN evaluations (null: none)")
+    grad_error_at: list[float] = _doc([], "progress points at which to run the gradient-bias estimator")
+    grad_error_batches: int = _doc(4, "batches (K) the estimator averages over during pretraining")
+    grad_error_strategies: str | None = _doc(
+        None, "keep:patch list for the estimator, e.g. 0.5:4,0.25:8 (null: a default grid)"
+    )
     checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
     precision: str = _doc("no", "mixed precision: no, fp16 or bf16")
@@ -386,6 +391,15 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.batch_size > 1, "train.batch_size", t.batch_size, "must be at least 2")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
     _require(t.eval_every is None or t.eval_every > 0, "train.eval_every", t.eval_every, "must be > 0")
+    for i, point in enumerate(t.grad_error_at):
+        _require(0 <= point < 1, f"train.grad_error_at[{i}]", point, "must be a progress in [0, 1)")
+    _require(t.grad_error_batches >= 2, "train.grad_error_batches", t.grad_error_batches, "must be >= 2")
+    if t.grad_error_strategies is not None:
+        for item in t.grad_error_strategies.split(","):
+            keep, _, patch = item.partition(":")
+            ok = _is_number(keep) and patch.strip().isdigit()
+            ok = ok and 0 < float(keep) <= 1 and int(patch) in allowed
+            _require(ok, "train.grad_error_strategies", item, f"expected keep:patch, patch one of {allowed}")
     e = cfg.eval
     _require(e.k > 0, "eval.k", e.k, "must be positive")
     _require(e.temperature > 0, "eval.temperature", e.temperature, "must be positive")
@@ -397,6 +411,14 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
     _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
     _require(t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _keep_ok(value: float | None) -> bool:

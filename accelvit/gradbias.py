@@ -282,41 +282,51 @@ def estimate(
     checkpoint=None,
     step: int = 0,
 ) -> dict:
-    """Run the estimator for `cfg` (weights from `checkpoint`, else a fresh init); returns a report.
-
-    Batch k is batch `step + k` of the run's data stream (the same views whatever the number of
-    processes); process r measures the batches with k % processes == r, token subsets seeded per
-    batch, and the sums are added over processes.
-    """
+    """Run the estimator for `cfg` (weights from `checkpoint`, else a fresh init); returns a report."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from safetensors.torch import load_file
 
-    from accelvit.backbone import build_backbone, vit_shape
-    from accelvit.budget import relative_cost
-    from accelvit.config import allowed_patch_sizes
-    from accelvit.data import StepBatchSampler, build_loader, load_dataset
+    from accelvit.backbone import build_backbone
     from accelvit.distributed import use_cpu
     from accelvit.objectives import OBJECTIVES
 
-    started = time.perf_counter()
     accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
+    set_seed(cfg.train.seed)
+    model = OBJECTIVES[cfg.objective.name].build(
+        cfg.objective, build_backbone(cfg.model), cfg.schedule.dropout_views
+    )
+    if checkpoint is not None:
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    return estimate_model(model.to(accelerator.device), cfg, accelerator, strategies, num_batches, step)
+
+
+def estimate_model(
+    model: nn.Module, cfg, accelerator, strategies: list[Setting], num_batches: int, step: int
+) -> dict:
+    """The grad-error report of `model` (the objective module, unwrapped) at `step` of `cfg`'s run.
+
+    Batch k is batch `step + k` of the run's data stream (the same views whatever the number of
+    processes); process r measures the batches with k % processes == r, token subsets seeded per
+    batch, and the sums are added over processes. The global RNG state is left as it was.
+    """
+    from accelvit.backbone import vit_shape
+    from accelvit.budget import relative_cost
+    from accelvit.config import allowed_patch_sizes
+    from accelvit.data import StepBatchSampler, build_loader, load_dataset
+    from accelvit.objectives import OBJECTIVES
+
+    started = time.perf_counter()
     allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
     for s in strategies:
         if not (0 < s.keep <= 1) or s.patch not in allowed:
             raise ValueError(f"strategy {s.keep}:{s.patch}: keep must be in (0, 1], patch one of {allowed}")
-    set_seed(cfg.train.seed)
-    objective = OBJECTIVES[cfg.objective.name]
-    backbone = build_backbone(cfg.model)
-    shape = vit_shape(backbone, cfg.model.image_size)
-    model = objective.build(cfg.objective, backbone, cfg.schedule.dropout_views)
-    if checkpoint is not None:
-        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    model.to(accelerator.device)
+    shape = vit_shape(model.backbone, cfg.model.image_size)
     rank, world = accelerator.process_index, accelerator.num_processes
     images = load_dataset(cfg.data)
     stream = StepBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, step, step + num_batches)
     mine = [(k, keys) for k, keys in enumerate(stream) if k % world == rank]
+    objective = OBJECTIVES[cfg.objective.name]
     loader = build_loader(
         images,
         objective.transform(cfg.objective, cfg.model, cfg.data),
@@ -331,17 +341,17 @@ def estimate(
             yield [v.to(accelerator.device) for v in views]
 
     progress = step / cfg.train.steps
-    raw = measure(
-        model,
-        batches(),
-        strategies,
-        cfg.model.patch_size,
-        progress,
-        reduce=lambda t: accelerator.reduce(t, "sum"),
-        autocast=accelerator.autocast,
-    )
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        raw = measure(
+            model,
+            batches(),
+            strategies,
+            cfg.model.patch_size,
+            progress,
+            reduce=lambda t: accelerator.reduce(t, "sum"),
+            autocast=accelerator.autocast,
+        )
     flops = {s: relative_cost(shape, s, cfg.model.patch_size) for s in strategies}
-    rows = summarize(raw, flops)
     return {
         "schema": SCHEMA,
         "model": dataclasses.asdict(cfg.model),
@@ -354,6 +364,6 @@ def estimate(
         "processes": world,
         "device": accelerator.device.type,
         "groups": [g.name for g in raw["groups"]],
-        "strategies": rows,
+        "strategies": summarize(raw, flops),
         "wall_s": time.perf_counter() - started,
     }

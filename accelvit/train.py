@@ -22,6 +22,7 @@ from tqdm import tqdm
 from accelvit.backbone import build_backbone, vit_shape
 from accelvit.budget import tokens_per_view
 from accelvit.checkpoint import (
+    GRAD_ERROR,
     METRICS,
     TrainState,
     latest_checkpoint,
@@ -29,11 +30,13 @@ from accelvit.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from accelvit.config import Config, ConfigError, OptimConfig
+from accelvit.config import Config, ConfigError, OptimConfig, allowed_patch_sizes
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
 from accelvit.distributed import use_cpu
 from accelvit.evaluate import evaluate_backbone
+from accelvit.gradbias import default_strategies, estimate_model, parse_strategies
 from accelvit.objectives import OBJECTIVES
+from accelvit.report import write_grad_report
 from accelvit.schedule import lr_at, setting_at
 
 
@@ -113,6 +116,13 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     transform = objective.transform(cfg.objective, cfg.model, cfg.data)
     loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
 
+    grad_error_steps = {round(p * steps) for p in cfg.train.grad_error_at}
+    strategies = (
+        parse_strategies(cfg.train.grad_error_strategies)
+        if cfg.train.grad_error_strategies
+        else default_strategies(base_patch, allowed_patch_sizes(image_size, base_patch))
+    )
+
     stop = StopRequest()
     bar = tqdm(total=steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True)
     meter = _Meter()
@@ -124,6 +134,19 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             views, _ = next(batches)
             views = [v.to(accelerator.device, non_blocking=True) for v in views]
             meter.data_s += time.perf_counter() - tick
+
+            # Gradient error of compressed inputs on the current model (train.grad_error_at)
+            if state.step in grad_error_steps:
+                report = estimate_model(
+                    accelerator.unwrap_model(model),
+                    cfg,
+                    accelerator,
+                    strategies,
+                    cfg.train.grad_error_batches,
+                    state.step,
+                )
+                if main:
+                    write_grad_report(report, run_dir / GRAD_ERROR / f"step_{state.step}.json")
 
             # Compression setting and learning rate at this point of training
             progress = state.step / steps

@@ -74,6 +74,16 @@ def test_set_overrides_parse_yaml(tiny_recipe):
         (["train.precision=fp8"], "train.precision = 'fp8'"),
         (["objective.name=byol"], "objective.name = 'byol': expected one of ['dino', 'mocov3', 'simclr']"),
         (["schedule.dropout_views=key"], "schedule.dropout_views = 'key'"),
+        (["train.grad_error_at=[0.5, 1.0]"], "train.grad_error_at[1] = 1.0: must be a progress in [0, 1)"),
+        (
+            ["train.grad_error_strategies=0.5:5"],
+            "train.grad_error_strategies = '0.5:5': expected keep:patch, patch one of [4, 8, 16]",
+        ),
+        (
+            ["objective.local_crop_size=6"],
+            "objective.local_crop_size = 6: must be a multiple of model.patch_size (4)",
+        ),
+        (["objective.momentum=1.0"], "objective.momentum = 1.0: must be in [0, 1)"),
     ],
 )
 def test_bad_values_name_key_and_value(tiny_recipe, overrides, message):

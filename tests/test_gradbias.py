@@ -238,3 +238,32 @@ def test_grad_error_on_a_run_checkpoint(tmp_path, tiny_recipe):
     report = json.loads(out.read_text())
     assert report["step"] == 3 and report["progress"] == 0.5
     assert main(["grad-error", str(run_dir), "--strategies", "0.5:5", "-o", str(out)]) == 2
+
+
+def test_grad_error_during_pretraining_keeps_the_run_bit_exact(tmp_path, tiny_recipe):
+    import json
+
+    from accelvit.checkpoint import create_run_dir
+    from accelvit.config import load_config
+    from accelvit.train import pretrain
+
+    def losses(run_dir):
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    plain = load_config(tiny_recipe)
+    probed = load_config(
+        tiny_recipe,
+        [
+            "train.grad_error_at=[0.0, 0.5]",
+            "train.grad_error_batches=2",
+            "train.grad_error_strategies=0.5:4,1.0:8",
+        ],
+    )
+    for name, cfg in (("plain", plain), ("probed", probed)):
+        create_run_dir(tmp_path / name, cfg)
+        pretrain(cfg, tmp_path / name)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "probed")  # the estimator changes nothing
+    reports = sorted(p.name for p in (tmp_path / "probed/grad_error").glob("*.json"))
+    assert reports == ["step_0.json", "step_3.json"]
+    report = json.loads((tmp_path / "probed/grad_error/step_3.json").read_text())
+    assert report["progress"] == 0.5 and len(report["strategies"]) == 2
