@@ -58,6 +58,14 @@ def _first(images: Dataset, limit: int | None) -> Dataset:
     return Subset(images, range(limit)) if limit is not None and limit < len(images) else images
 
 
+def labelled_splits(data: DataConfig, cfg: EvalConfig) -> tuple[Dataset, Dataset]:
+    """The kNN memory bank (whole train split, or its first `eval.train_limit`) and the test split."""
+    return (
+        _first(load_dataset(data, train=True, limited=False), cfg.train_limit),
+        _first(load_dataset(data, train=False), cfg.test_limit),
+    )
+
+
 @torch.no_grad()
 def extract_features(
     encode, images: Dataset, image_size: int, batch_size: int, device: torch.device, workers: int = 0
@@ -128,13 +136,9 @@ def evaluate_backbone(
     was_training = vit.training
     vit.eval()
     try:
-        splits = [
-            _first(load_dataset(data, train=True, limited=False), cfg.train_limit),
-            _first(load_dataset(data, train=False), cfg.test_limit),
-        ]
         train, test = (
             extract_features(lambda x: forward_features(vit, x), s, model.image_size, cfg.batch_size, device)
-            for s in splits
+            for s in labelled_splits(data, cfg)
         )
     finally:
         vit.train(was_training)
@@ -152,13 +156,9 @@ def evaluate_backbone(
 
 def pixel_knn(model: ModelConfig, data: DataConfig, cfg: EvalConfig) -> float:
     """kNN top-1 on raw (resized, normalised) pixels: the baseline a backbone must beat."""
-    splits = [
-        _first(load_dataset(data, train=True, limited=False), cfg.train_limit),
-        _first(load_dataset(data, train=False), cfg.test_limit),
-    ]
     train, test = (
         extract_features(lambda x: x.flatten(1), s, model.image_size, cfg.batch_size, torch.device("cpu"))
-        for s in splits
+        for s in labelled_splits(data, cfg)
     )
     return knn_top1(train, test, cfg.k, cfg.temperature)
 
