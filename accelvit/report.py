@@ -100,14 +100,19 @@ def plot_grad_report(reports: list[dict], path: Path, labels: list[str]) -> Path
         rows = report["strategies"]
         cost = [r["cost"] for r in rows]
         for ax, key in zip(axes, ("bias_sq", "ca_mse"), strict=True):
-            ax.scatter(cost, [max(r[key], 1e-12) for r in rows], label=label)
+            ax.scatter(cost, [r[key] for r in rows], label=label)
             for r, c in zip(rows, cost, strict=True):
-                ax.annotate(f"{r['keep']}:{r['patch']}", (c, max(r[key], 1e-12)), fontsize=7)
+                ax.annotate(f"{r['keep']}:{r['patch']}", (c, r[key]), fontsize=7)
     for ax, title in zip(
         axes, ("bias² (unbiased estimate)", "CA-MSE = bias² + cost × variance"), strict=True
     ):
         ax.set_xlabel("cost relative to the full step")
-        ax.set_yscale("log")
+        # symlog: bias² estimates can be zero or slightly negative
+        top = max(
+            (abs(r[k]) for rep in reports for r in rep["strategies"] for k in ("bias_sq", "ca_mse")),
+            default=1.0,
+        )
+        ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
