@@ -7,6 +7,7 @@ written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _default_run_dir(recipe: Path) -> Path:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # each process would stamp its own time; they must agree on one folder
+        raise ConfigError("-o RUN_DIR is required when several processes are launched")
     return Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

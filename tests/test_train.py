@@ -153,3 +153,9 @@ def test_bf16_mixed_precision_trains(tmp_path, tiny_recipe):
     create_run_dir(run_dir, cfg)
     assert pretrain(cfg, run_dir).step == 2
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in losses(run_dir))
+
+
+def test_several_processes_need_an_explicit_run_dir(tiny_recipe, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pretrain", str(tiny_recipe)]) == 2
+    assert "-o RUN_DIR is required when several processes" in capsys.readouterr().err
