@@ -93,8 +93,9 @@ def _grad_error(args: argparse.Namespace) -> int:
     from accelvit.checkpoint import RECIPE, checkpoint_step
     from accelvit.config import allowed_patch_sizes
     from accelvit.export import resolve_checkpoint
-    from accelvit.gradbias import default_strategies, estimate, parse_strategies
+    from accelvit.gradbias import default_strategies, estimate
     from accelvit.report import grad_table, write_grad_report
+    from accelvit.schedule import parse_strategies
 
     source = Path(args.source)
     checkpoint, step = None, 0

@@ -395,10 +395,14 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         _require(0 <= point < 1, f"train.grad_error_at[{i}]", point, "must be a progress in [0, 1)")
     _require(t.grad_error_batches >= 2, "train.grad_error_batches", t.grad_error_batches, "must be >= 2")
     if t.grad_error_strategies is not None:
+        from accelvit.schedule import parse_strategies  # deferred: schedule imports this module
+
         for item in t.grad_error_strategies.split(","):
-            keep, _, patch = item.partition(":")
-            ok = _is_number(keep) and patch.strip().isdigit()
-            ok = ok and 0 < float(keep) <= 1 and int(patch) in allowed
+            try:
+                (setting,) = parse_strategies(item)
+                ok = 0 < setting.keep <= 1 and setting.patch in allowed
+            except ValueError:
+                ok = False
             _require(ok, "train.grad_error_strategies", item, f"expected keep:patch, patch one of {allowed}")
     e = cfg.eval
     _require(e.k > 0, "eval.k", e.k, "must be positive")
@@ -411,14 +415,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
     _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
     _require(t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _keep_ok(value: float | None) -> bool:

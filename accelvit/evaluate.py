@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from lightly.utils.benchmarking import knn_predict
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
@@ -25,7 +24,7 @@ from accelvit.checkpoint import RECIPE, checkpoint_step, write_atomic
 from accelvit.compress import forward_features
 from accelvit.config import ConfigError, DataConfig, EvalConfig, ModelConfig, load_config
 from accelvit.data import load_dataset
-from accelvit.export import BACKBONE_PREFIX, resolve_checkpoint
+from accelvit.export import backbone_weights, resolve_checkpoint
 
 EVAL_FILE = "eval.json"
 
@@ -167,11 +166,8 @@ def load_backbone(run_dir: Path, checkpoint: str | None = None) -> tuple[VisionT
     """The backbone of a run's checkpoint (newest by default) and that checkpoint's step."""
     cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
-    weights = load_file(str(path / "model.safetensors"))
     vit = build_backbone(cfg.model)
-    vit.load_state_dict(
-        {k.removeprefix(BACKBONE_PREFIX): v for k, v in weights.items() if k.startswith(BACKBONE_PREFIX)}
-    )
+    vit.load_state_dict(backbone_weights(path))
     return vit, checkpoint_step(path)
 
 

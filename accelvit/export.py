@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from accelvit.backbone import timm_kwargs
@@ -26,6 +27,16 @@ def resolve_checkpoint(run_dir: Path, name: str | None = None) -> Path:
     return path
 
 
+def backbone_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The backbone part of a checkpoint's model weights, with timm's key names."""
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    return {
+        k.removeprefix(BACKBONE_PREFIX): v.contiguous()
+        for k, v in weights.items()
+        if k.startswith(BACKBONE_PREFIX)
+    }
+
+
 def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> Path:
     """Write the backbone weights with timm's key names to `out` (.safetensors).
 
@@ -36,12 +47,7 @@ def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> 
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
     cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
-    weights = load_file(str(path / "model.safetensors"))
-    backbone = {
-        k.removeprefix(BACKBONE_PREFIX): v.contiguous()
-        for k, v in weights.items()
-        if k.startswith(BACKBONE_PREFIX)
-    }
+    backbone = backbone_weights(path)
     kwargs = timm_kwargs(cfg.model)
     metadata = {
         "arch": cfg.model.arch,

@@ -258,18 +258,6 @@ def summarize(raw: dict, flops: dict[Setting, float] | None = None) -> list[dict
 SCHEMA = "accelvit.grad-error/1"
 
 
-def parse_strategies(text: str) -> list[Setting]:
-    """'1.0:16,0.5:16,0.25:32' -> settings (keep:patch pairs)."""
-    out = []
-    for item in text.split(","):
-        keep, sep, patch = item.strip().partition(":")
-        try:
-            out.append(Setting(float(keep), int(patch)))
-        except ValueError:
-            raise ValueError(f"--strategies: {item!r} is not keep:patch (e.g. 0.5:16)") from None
-    return out
-
-
 def default_strategies(base: int, allowed: list[int]) -> list[Setting]:
     patches = [p for p in (base, 2 * base) if p in allowed] or [base]
     return [Setting(k, p) for p in patches for k in (1.0, 0.5, 0.25) if (k, p) != (1.0, base)]

@@ -57,6 +57,18 @@ def patch_for_size(patch: int, size: int, base_patch: int) -> int:
     return snap_patch(patch, allowed_patch_sizes(size, base_patch))
 
 
+def parse_strategies(text: str) -> list[Setting]:
+    """'1.0:16,0.5:16,0.25:32' -> settings (keep:patch pairs)."""
+    out = []
+    for item in text.split(","):
+        keep, sep, patch = item.strip().partition(":")
+        try:
+            out.append(Setting(float(keep), int(patch)))
+        except ValueError:
+            raise ValueError(f"--strategies: {item!r} is not keep:patch (e.g. 0.5:16)") from None
+    return out
+
+
 def setting_at(cfg: ScheduleConfig, progress: float, image_size: int, base_patch: int) -> Setting:
     """The compression setting at `progress` (0: start of training, 1: end)."""
     keep = ramp_value(cfg.keep, progress)

@@ -34,10 +34,10 @@ from accelvit.config import Config, ConfigError, OptimConfig, allowed_patch_size
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
 from accelvit.distributed import use_cpu
 from accelvit.evaluate import evaluate_backbone
-from accelvit.gradbias import default_strategies, estimate_model, parse_strategies
+from accelvit.gradbias import default_strategies, estimate_model
 from accelvit.objectives import OBJECTIVES
 from accelvit.report import write_grad_report
-from accelvit.schedule import lr_at, setting_at
+from accelvit.schedule import lr_at, parse_strategies, setting_at
 
 
 @dataclass
