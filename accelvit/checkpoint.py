@@ -3,9 +3,11 @@
 RUN_DIR/
   recipe.yaml          the resolved recipe; `accelvit pretrain RUN_DIR/recipe.yaml` reproduces the run
   metrics.jsonl        one JSON line per `train.log_every` steps
-  grad_error/step_N.*  gradient-bias reports taken during training (`train.grad_error_at`)
+  grad_error/step_N.*  gradient-bias reports taken during training (`train.grad_error_at`, adaptive stages)
+  costs.json           measured step costs (`cost.model: measured`), reused on resume
+  schedule_decisions.jsonl  adaptive schedule: one line per stage decision
   checkpoints/step_N/  accelerate's `save_state` (model, optimizer, RNG states of every process)
-                       + trainer_state.json (step, images seen) + manifest.json (files and sizes)
+                       + trainer_state.json (TrainState) + manifest.json (files and sizes)
 
 A checkpoint is written under a temporary name and renamed into place once complete, so a crash
 mid-save never leaves a checkpoint that looks complete.
@@ -18,7 +20,7 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -29,6 +31,8 @@ from accelvit.distributed import process_state
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
 GRAD_ERROR = "grad_error"
+COSTS = "costs.json"
+DECISIONS = "schedule_decisions.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -41,6 +45,10 @@ class TrainState:
 
     step: int = 0
     images_seen: int = 0
+    budget_spent: float = 0.0  # budget units, training steps and estimator runs together
+    estimator_spent: float = 0.0  # the part of budget_spent the adaptive schedule's estimator used
+    grad_error_done: list[float] = field(default_factory=list)  # train.grad_error_at points taken
+    decisions: list[dict] = field(default_factory=list)  # adaptive schedule, one per stage
 
 
 def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:

@@ -49,19 +49,46 @@ def _schedule(args: argparse.Namespace) -> int:
     import torch
 
     from accelvit.backbone import build_backbone, vit_shape
-    from accelvit.budget import mean_cost, schedule_rows
+    from accelvit.budget import flops_cost_fn, sample_rows, simulate
+    from accelvit.objectives import OBJECTIVES
     from accelvit.report import format_schedule, plot_schedule
 
     cfg = load_config(args.recipe, args.set, check_paths=False)
     with torch.device("meta"):  # only the shape is needed
         shape = vit_shape(build_backbone(cfg.model), cfg.model.image_size)
-    steps, base = cfg.train.steps, cfg.model.patch_size
-    mean = mean_cost(cfg.schedule, shape, base, steps)
-    print(format_schedule(schedule_rows(cfg.schedule, shape, base, steps, args.rows), mean))
+    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
+    global_batch = cfg.train.batch_size * args.processes
+    rows = simulate(cfg, shape, flops_cost_fn(shape, branches, cfg.model.patch_size), global_batch)
+    measured = None
+    if args.measure:
+        measured = simulate(cfg, shape, _measured_cost_fn(cfg), global_batch)
+    print(format_schedule(sample_rows(rows, args.rows), rows, global_batch, measured))
+    if cfg.schedule.mode == "adaptive":
+        print("adaptive: the run picks each stage's setting; shown are its ramps before the first stage")
     if args.plot:
-        rows = schedule_rows(cfg.schedule, shape, base, steps, rows=min(steps + 1, 401))
-        print(f"plot: {plot_schedule(rows, Path(args.plot), title=Path(args.recipe).name)}")
+        print(f"plot: {plot_schedule(sample_rows(rows, 401), Path(args.plot), title=Path(args.recipe).name)}")
     return 0
+
+
+def _measured_cost_fn(cfg):
+    """Step costs timed on this machine with random images (timing does not depend on content)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from accelvit.backbone import build_backbone
+    from accelvit.budget import measure_costs, measured_settings, table_cost_fn
+    from accelvit.objectives import OBJECTIVES
+
+    objective = OBJECTIVES[cfg.objective.name]
+    model = objective.build(cfg.objective, build_backbone(cfg.model), cfg.schedule.dropout_views)
+    transform = objective.transform(cfg.objective, cfg.model, cfg.data)
+    size = cfg.model.image_size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    views = [
+        torch.stack(v) for v in zip(*(transform(image) for _ in range(cfg.train.batch_size)), strict=True)
+    ]
+    return table_cost_fn(measure_costs(model, views, measured_settings(cfg), cfg.cost.repeats))
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -148,6 +175,23 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from accelvit.gradbias import SCHEMA
+    from accelvit.plan import format_plan, plan, schedule_from_plan, write_schedule
+    from accelvit.report import load_grad_report
+
+    paths = [Path(p) for p in args.reports]
+    reports = [load_grad_report(p, SCHEMA) for p in paths]
+    bases = {r["model"]["patch_size"] for r in reports}
+    if len(bases) != 1:
+        raise ConfigError(f"the reports come from models with different base patch sizes {sorted(bases)}")
+    stages = plan(reports, bases.pop(), args.cost)
+    print(format_plan(stages))
+    write_schedule(Path(args.output), schedule_from_plan(stages), [p.name for p in paths])
+    print(f"schedule written to {args.output}; use it with --set schedule.file={args.output}")
+    return 0
+
+
 def _defaults(args: argparse.Namespace) -> int:
     print(describe_defaults(), end="")
     return 0
@@ -181,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the schedule")
     p.add_argument("--rows", type=int, default=11, help="rows of the table (default 11)")
+    p.add_argument("--processes", type=int, default=1, help="processes the run will use (default 1)")
+    p.add_argument("--measure", action="store_true", help="also time each setting on this machine")
     overrides(p)
     p.set_defaults(func=_schedule)
 
@@ -211,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the Markdown table here")
     p.add_argument("--plot", help="PNG of bias² and CA-MSE against cost")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("plan", help="budget-optimal step schedule from grad-error reports")
+    p.add_argument("reports", nargs="+", help="reports taken at several progress points of a run")
+    p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
+    p.add_argument("--cost", default="measured", help="cost in CA-MSE: measured (as reported) or flops")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("defaults", help="print every recipe key with its default and meaning")
     p.set_defaults(func=_defaults)

@@ -108,6 +108,18 @@ class ScheduleConfig:
         RampConfig(), "patch size in pixels (null start: model.patch_size); a number means constant"
     )
     dropout_views: str = _doc("query", "which views drop tokens: query (gradient-carrying views only) or all")
+    mode: str = _doc("fixed", "fixed: keep/patch ramps; adaptive: measure CA-MSE at `stages` and switch")
+    stages: list[float] = _doc(
+        [0.0, 0.25, 0.5, 0.75], "adaptive: progress points where the run picks the next stage's strategy"
+    )
+    candidates: str | None = _doc(
+        None, "adaptive: keep:patch strategies to choose from (null: a default grid); full input always"
+    )
+    adaptive_batches: int = _doc(4, "adaptive: batches (K) the estimator averages over at each stage")
+    monotone: bool = _doc(True, "adaptive: never pick a cheaper (more compressed) strategy than before")
+    file: str | None = _doc(
+        None, "YAML file with schedule keys (e.g. written by `accelvit plan`); its keys win over the recipe's"
+    )
 
 
 @dataclass
@@ -116,12 +128,19 @@ class OptimConfig:
     min_lr: float = _doc(0.0, "learning rate at the end of the cosine decay")
     weight_decay: float = _doc(0.05, "AdamW weight decay (not applied to biases, norms, tokens)")
     warmup: float = _doc(0.1, "fraction of training spent in linear learning-rate warm-up")
+    decay: str = _doc("cosine", "learning-rate decay after warm-up: cosine, or poly (power `poly_power`)")
+    poly_power: float = _doc(2.0, "power of the poly decay (2 is recommended for budgeted runs)")
     clip_grad: float | None = _doc(None, "clip the global gradient norm to this value")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _doc(1000, "number of optimizer steps; training progress is step / steps")
+    steps: int | None = _doc(1000, "number of optimizer steps; progress is step / steps (null with budget)")
+    budget: float | None = _doc(
+        None,
+        "run length in budget units (1 unit: a forward of the uncompressed backbone on one image); "
+        "progress is budget_spent / budget",
+    )
     batch_size: int = _doc(128, "images per step per process (global batch: x processes)")
     seed: int = _doc(0, "seed of model init, data order, augmentations and token dropout")
     log_every: int = _doc(10, "steps between lines of metrics.jsonl")
@@ -137,6 +156,12 @@ class TrainConfig:
 
 
 @dataclass
+class CostConfig:
+    model: str = _doc("flops", "cost of a step: flops (analytic, deterministic) or measured (timed at start)")
+    repeats: int = _doc(3, "measured: timed repetitions per setting (the median is kept)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = _doc(ModelConfig(), "backbone")
     data: DataConfig = _doc(DataConfig(), "training data and views")
@@ -144,6 +169,7 @@ class Config:
     schedule: ScheduleConfig = _doc(ScheduleConfig(), "compression curriculum")
     optim: OptimConfig = _doc(OptimConfig(), "optimizer and learning-rate schedule")
     train: TrainConfig = _doc(TrainConfig(), "loop length, batch, logging, checkpoints")
+    cost: CostConfig = _doc(CostConfig(), "how a step's cost is counted against train.budget")
     eval: EvalConfig = _doc(EvalConfig(), "kNN (and linear probe) evaluation of the backbone")
 
 
@@ -162,17 +188,30 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
     raw = read_yaml(path) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
+    _merge_schedule_file(raw)
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("budget") is not None and "steps" not in train:
+        train["steps"] = None  # a budget replaces the default number of steps
     cfg = from_dict(Config, raw, "")
     validate(cfg, check_paths)
     return cfg
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "recipe") -> dict:
+    """A YAML mapping; `!include FILE` (relative to this file's folder) inserts another file's mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def include(loader: yaml.SafeLoader, node: yaml.Node) -> dict:
+        return read_yaml(path.parent / loader.construct_scalar(node), "included")
+
+    Loader.add_constructor("!include", include)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -181,8 +220,20 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _merge_schedule_file(raw: dict) -> None:
+    """Merge `schedule.file` into the schedule section; the resolved recipe then no longer needs it."""
+    schedule = raw.get("schedule")
+    if not isinstance(schedule, dict) or not schedule.get("file"):
+        return
+    loaded = read_yaml(schedule["file"], "schedule.file")
+    loaded = loaded.get("schedule", loaded)  # a whole recipe or just the schedule section
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"schedule.file {schedule['file']}: expected a mapping of schedule keys")
+    raw["schedule"] = {**schedule, **loaded, "file": None}
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -380,30 +431,43 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         s.dropout_views,
         "expected query or all",
     )
+    _require(s.mode in ("fixed", "adaptive"), "schedule.mode", s.mode, "expected fixed or adaptive")
+    last = -1.0
+    for i, point in enumerate(s.stages):
+        _require(0 <= point < 1 and point > last, f"schedule.stages[{i}]", point, "must increase in [0, 1)")
+        last = point
+    _require(
+        s.mode == "fixed" or bool(s.stages), "schedule.stages", s.stages, "adaptive mode needs stage points"
+    )
+    _validate_strategies(s.candidates, "schedule.candidates", allowed)
+    _require(s.adaptive_batches >= 2, "schedule.adaptive_batches", s.adaptive_batches, "must be >= 2")
 
     _require(op.lr > 0, "optim.lr", op.lr, "must be positive")
+    _require(op.decay in ("cosine", "poly"), "optim.decay", op.decay, "expected cosine or poly")
+    _require(op.poly_power > 0, "optim.poly_power", op.poly_power, "must be positive")
     _require(0 <= op.min_lr <= op.lr, "optim.min_lr", op.min_lr, "must be in [0, optim.lr]")
     _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
     _require(0 <= op.warmup < 1, "optim.warmup", op.warmup, "must be a fraction in [0, 1)")
     _require(op.clip_grad is None or op.clip_grad > 0, "optim.clip_grad", op.clip_grad, "must be > 0")
 
-    _require(t.steps > 0, "train.steps", t.steps, "must be a positive number of steps")
+    _require(
+        (t.steps is None) != (t.budget is None),
+        "train.steps",
+        t.steps,
+        f"give exactly one of train.steps and train.budget (budget: {t.budget!r}); set the other to null",
+    )
+    _require(t.steps is None or t.steps > 0, "train.steps", t.steps, "must be a positive number of steps")
+    _require(t.budget is None or t.budget > 0, "train.budget", t.budget, "must be positive")
+    c = cfg.cost
+    _require(c.model in ("flops", "measured"), "cost.model", c.model, "expected flops or measured")
+    _require(c.repeats > 0, "cost.repeats", c.repeats, "must be positive")
     _require(t.batch_size > 1, "train.batch_size", t.batch_size, "must be at least 2")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
     _require(t.eval_every is None or t.eval_every > 0, "train.eval_every", t.eval_every, "must be > 0")
     for i, point in enumerate(t.grad_error_at):
         _require(0 <= point < 1, f"train.grad_error_at[{i}]", point, "must be a progress in [0, 1)")
     _require(t.grad_error_batches >= 2, "train.grad_error_batches", t.grad_error_batches, "must be >= 2")
-    if t.grad_error_strategies is not None:
-        from accelvit.schedule import parse_strategies  # deferred: schedule imports this module
-
-        for item in t.grad_error_strategies.split(","):
-            try:
-                (setting,) = parse_strategies(item)
-                ok = 0 < setting.keep <= 1 and setting.patch in allowed
-            except ValueError:
-                ok = False
-            _require(ok, "train.grad_error_strategies", item, f"expected keep:patch, patch one of {allowed}")
+    _validate_strategies(t.grad_error_strategies, "train.grad_error_strategies", allowed)
     e = cfg.eval
     _require(e.k > 0, "eval.k", e.k, "must be positive")
     _require(e.temperature > 0, "eval.temperature", e.temperature, "must be positive")
@@ -415,6 +479,20 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
     _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
     _require(t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16")
+
+
+def _validate_strategies(text: str | None, key: str, allowed: list[int]) -> None:
+    if text is None:
+        return
+    from accelvit.schedule import parse_strategies  # deferred: schedule imports this module
+
+    for item in text.split(","):
+        try:
+            (setting,) = parse_strategies(item)
+            ok = 0 < setting.keep <= 1 and setting.patch in allowed
+        except ValueError:
+            ok = False
+        _require(ok, key, item, f"expected keep:patch, keep in (0, 1], patch one of {allowed}")
 
 
 def _keep_ok(value: float | None) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import random
 import signal
 from collections.abc import Callable, Iterator
@@ -164,7 +165,7 @@ class ViewDataset(Dataset):
 
 
 class StepBatchSampler:
-    """Yields, for each step from `start_step` to `steps`, this process's keys (index, seed).
+    """Yields, for each step from `start_step` to `steps` (None: without end), this process's keys.
 
     Step s covers global positions [s*G, (s+1)*G) with G = batch_size * world; process `rank` takes
     its contiguous slice. Position g maps to epoch g // N and a per-epoch permutation of the data.
@@ -176,7 +177,7 @@ class StepBatchSampler:
         batch_size: int,
         seed: int,
         start_step: int,
-        steps: int,
+        steps: int | None,
         rank: int = 0,
         world: int = 1,
     ):
@@ -185,6 +186,8 @@ class StepBatchSampler:
         self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError("a sampler without end (budgeted run) has no length")
         return max(0, self.steps - self.start_step)
 
     def key(self, position: int) -> tuple[int, int]:
@@ -197,7 +200,8 @@ class StepBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         global_batch = self.batch_size * self.world
-        for step in range(self.start_step, self.steps):
+        end = self.steps
+        for step in range(self.start_step, end) if end is not None else itertools.count(self.start_step):
             first = step * global_batch + self.rank * self.batch_size
             yield [self.key(g) for g in range(first, first + self.batch_size)]
 

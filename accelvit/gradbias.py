@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -276,6 +277,8 @@ def estimate(
     from safetensors.torch import load_file
 
     from accelvit.backbone import build_backbone
+    from accelvit.budget import progress_of
+    from accelvit.checkpoint import STATE
     from accelvit.distributed import use_cpu
     from accelvit.objectives import OBJECTIVES
 
@@ -284,13 +287,23 @@ def estimate(
     model = OBJECTIVES[cfg.objective.name].build(
         cfg.objective, build_backbone(cfg.model), cfg.schedule.dropout_views
     )
+    progress = 0.0
     if checkpoint is not None:
         model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    return estimate_model(model.to(accelerator.device), cfg, accelerator, strategies, num_batches, step)
+        state = json.loads((checkpoint / STATE).read_text())
+        progress = progress_of(cfg.train, state["step"], state.get("budget_spent", 0.0))
+    model = model.to(accelerator.device)
+    return estimate_model(model, cfg, accelerator, strategies, num_batches, step, progress)
 
 
 def estimate_model(
-    model: nn.Module, cfg, accelerator, strategies: list[Setting], num_batches: int, step: int
+    model: nn.Module,
+    cfg,
+    accelerator,
+    strategies: list[Setting],
+    num_batches: int,
+    step: int,
+    progress: float,
 ) -> dict:
     """The grad-error report of `model` (the objective module, unwrapped) at `step` of `cfg`'s run.
 
@@ -328,7 +341,6 @@ def estimate_model(
             torch.manual_seed(cfg.train.seed * 1_000_003 + step + k)  # token subsets of batch k
             yield [v.to(accelerator.device) for v in views]
 
-    progress = step / cfg.train.steps
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
         raw = measure(
             model,

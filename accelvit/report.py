@@ -4,18 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from accelvit.budget import ScheduleRow
+from accelvit.budget import ScheduleRow, mean_cost
 
 
-def format_schedule(rows: list[ScheduleRow], mean: float) -> str:
-    """A plain-text table of the schedule and its mean relative cost."""
-    lines = [f"{'progress':>8} {'step':>7} {'keep':>6} {'patch':>5} {'tokens':>6} {'cost':>6}"]
+def format_schedule(
+    rows: list[ScheduleRow],
+    every: list[ScheduleRow],
+    global_batch: int,
+    measured: list[ScheduleRow] | None = None,
+) -> str:
+    """The schedule at a few steps (`rows`), and totals over every step of the run (`every`).
+
+    Units: budget units per image of a step; cost: relative to the same step without compression.
+    `measured`: the same run simulated with costs timed on this machine.
+    """
+    lines = [f"{'progress':>8} {'step':>8} {'keep':>6} {'patch':>5} {'tokens':>6} {'units':>7} {'cost':>6}"]
     for r in rows:
         lines.append(
-            f"{r.progress:8.2f} {r.step:7d} {r.setting.keep:6.3f} {r.setting.patch:5d} "
-            f"{r.tokens:6d} {r.cost:6.3f}"
+            f"{r.progress:8.3f} {r.step:8d} {r.setting.keep:6.3f} {r.setting.patch:5d} "
+            f"{r.tokens:6d} {r.units:7.3f} {r.cost:6.3f}"
         )
-    lines.append(f"mean relative cost {mean:.3f} ({1 / mean:.2f}x fewer backbone FLOPs than no compression)")
+    for label, run in (("flops", every), ("measured", measured or [])):
+        if run:
+            mean = mean_cost(run)
+            spent = sum(r.units for r in run) * global_batch
+            lines.append(
+                f"{label}: {len(run)} steps, {spent:.4g} budget units, "
+                f"mean relative cost {mean:.3f} ({1 / mean:.2f}x cheaper steps than no compression)"
+            )
     return "\n".join(lines)
 
 

@@ -80,9 +80,27 @@ def setting_at(cfg: ScheduleConfig, progress: float, image_size: int, base_patch
 
 
 def lr_at(cfg: OptimConfig, progress: float) -> float:
-    """Linear warm-up to `cfg.lr` over the first `cfg.warmup` of training, then cosine decay."""
+    """Linear warm-up to `cfg.lr` over the first `cfg.warmup` of training, then cosine or poly decay.
+
+    Poly: lr * (1 - t)^power, the decay recommended for runs with a fixed compute budget.
+    """
     if progress < cfg.warmup:
         return cfg.lr * progress / cfg.warmup
     span = 1.0 - cfg.warmup
-    decay = min(max((progress - cfg.warmup) / span, 0.0), 1.0) if span > 0 else 1.0
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * decay))
+    t = min(max((progress - cfg.warmup) / span, 0.0), 1.0) if span > 0 else 1.0
+    factor = (1 - t) ** cfg.poly_power if cfg.decay == "poly" else 0.5 * (1 + math.cos(math.pi * t))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+
+
+def current_setting(
+    cfg: ScheduleConfig, progress: float, image_size: int, base_patch: int, decisions: list[dict]
+) -> Setting:
+    """The setting in force: the latest adaptive decision if any was made, else the ramps."""
+    if cfg.mode == "adaptive" and decisions:
+        return Setting(decisions[-1]["keep"], decisions[-1]["patch"])
+    return setting_at(cfg, progress, image_size, base_patch)
+
+
+def due_points(points: list[float], progress: float, done: list[float]) -> list[float]:
+    """Progress points reached by `progress` that have not fired yet (each fires once)."""
+    return [p for p in points if p <= progress and p not in done]

@@ -16,12 +16,23 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 
 from accelvit.backbone import build_backbone, vit_shape
-from accelvit.budget import tokens_per_view
+from accelvit.budget import (
+    flops_cost_fn,
+    measure_costs,
+    measured_settings,
+    progress_of,
+    read_costs,
+    table_cost_fn,
+    tokens_per_view,
+    write_costs,
+)
 from accelvit.checkpoint import (
+    COSTS,
+    DECISIONS,
     GRAD_ERROR,
     METRICS,
     TrainState,
@@ -29,22 +40,24 @@ from accelvit.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     truncate_metrics,
+    write_atomic,
 )
-from accelvit.config import Config, ConfigError, OptimConfig, allowed_patch_sizes
+from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig, allowed_patch_sizes
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
 from accelvit.distributed import use_cpu
 from accelvit.evaluate import evaluate_backbone
 from accelvit.gradbias import default_strategies, estimate_model
 from accelvit.objectives import OBJECTIVES
+from accelvit.plan import ca_mse_table, choose
 from accelvit.report import write_grad_report
-from accelvit.schedule import lr_at, parse_strategies, setting_at
+from accelvit.schedule import Setting, current_setting, due_points, lr_at, parse_strategies
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     step: int
-    stopped: bool  # True when a signal ended the run before train.steps
+    stopped: bool  # True when a signal ended the run before its end
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -83,10 +96,10 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     """Pretrain the backbone of `cfg` in `run_dir` (created beforehand by `create_run_dir`)."""
     accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
     main = accelerator.is_main_process
-    steps, image_size, base_patch = cfg.train.steps, cfg.model.image_size, cfg.model.patch_size
+    train, image_size, base_patch = cfg.train, cfg.model.image_size, cfg.model.patch_size
 
     # Model, identical on every process (same seed); DDP keeps it so.
-    set_seed(cfg.train.seed)
+    set_seed(train.seed)
     objective = OBJECTIVES[cfg.objective.name]
     backbone = build_backbone(cfg.model)
     shape = vit_shape(backbone, image_size)
@@ -103,32 +116,43 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
         state = load_checkpoint(accelerator, checkpoint)
         if main:
             truncate_metrics(run_dir, state.step)
+            _write_decisions(run_dir, state.decisions)
             print(f"resuming {run_dir} from step {state.step}", flush=True)
     else:
-        set_seed(cfg.train.seed + accelerator.process_index)  # token dropout differs per process
+        set_seed(train.seed + accelerator.process_index)  # token dropout differs per process
 
     # Data: a pure function of (seed, step), so the loader starts where the checkpoint stopped.
-    world, batch = accelerator.num_processes, cfg.train.batch_size
+    world, batch = accelerator.num_processes, train.batch_size
     images = load_dataset(cfg.data, train=True)
     sampler = StepBatchSampler(
-        len(images), batch, cfg.train.seed, state.step, steps, accelerator.process_index, world
+        len(images), batch, train.seed, state.step, train.steps, accelerator.process_index, world
     )
     transform = objective.transform(cfg.objective, cfg.model, cfg.data)
     loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
 
-    grad_error_steps = {round(p * steps) for p in cfg.train.grad_error_at}
-    strategies = (
-        parse_strategies(cfg.train.grad_error_strategies)
-        if cfg.train.grad_error_strategies
-        else default_strategies(base_patch, allowed_patch_sizes(image_size, base_patch))
-    )
+    # Costs of a step in budget units per image (the budget's and the adaptive schedule's currency)
+    allowed = allowed_patch_sizes(image_size, base_patch)
+    grad_error_strategies = _strategies(train.grad_error_strategies, base_patch, allowed)
+    candidates = [
+        s for s in _strategies(cfg.schedule.candidates, base_patch, allowed) if s != Setting(1.0, base_patch)
+    ]
+    if cfg.cost.model == "measured":
+        measure = measured_settings(cfg, candidates if cfg.schedule.mode == "adaptive" else ())
+        table = _measured_costs(accelerator, model, images, transform, measure, cfg, run_dir)
+        cost = table_cost_fn(table)
+    else:
+        cost = flops_cost_fn(
+            shape, objective.branches(cfg.objective, cfg.model, cfg.schedule.dropout_views), base_patch
+        )
 
     stop = StopRequest()
-    bar = tqdm(total=steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True)
+    bar = _progress_bar(train, state, main)
     meter = _Meter()
     try:
         batches = iter(loader)
-        while state.step < steps:
+        while not _finished(train, state):
+            progress = progress_of(train, state.step, state.budget_spent)
+
             # Data (time spent waiting for it is data_s)
             tick = time.perf_counter()
             views, _ = next(batches)
@@ -136,22 +160,32 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             meter.data_s += time.perf_counter() - tick
 
             # Gradient error of compressed inputs on the current model (train.grad_error_at)
-            if state.step in grad_error_steps:
+            for point in due_points(train.grad_error_at, progress, state.grad_error_done):
                 report = estimate_model(
-                    accelerator.unwrap_model(model),
-                    cfg,
-                    accelerator,
-                    strategies,
-                    cfg.train.grad_error_batches,
-                    state.step,
-                )
+                    accelerator.unwrap_model(model), cfg, accelerator, grad_error_strategies,
+                    train.grad_error_batches, state.step, progress,
+                )  # fmt: skip
+                state.grad_error_done.append(point)
                 if main:
                     write_grad_report(report, run_dir / GRAD_ERROR / f"step_{state.step}.json")
 
+            # Adaptive schedule: at each stage, measure the candidates and switch to the best one
+            if cfg.schedule.mode == "adaptive":
+                done = [d["stage"] for d in state.decisions]
+                for stage in due_points(cfg.schedule.stages, progress, done):
+                    decision = _decide(cfg, accelerator, model, candidates, cost, state, stage, progress)
+                    if main:
+                        _write_decisions(run_dir, state.decisions)
+                        bar.write(
+                            f"stage {stage:g} (step {state.step}): keep {decision['keep']:g}, "
+                            f"patch {decision['patch']} (CA-MSE {decision['ca_mse']:.3e})"
+                        )
+
             # Compression setting and learning rate at this point of training
-            progress = state.step / steps
-            setting = setting_at(cfg.schedule, progress, image_size, base_patch)
-            lr = lr_at(cfg.optim, (state.step + 1) / steps)  # +1: the first step must not get lr 0
+            setting = current_setting(cfg.schedule, progress, image_size, base_patch, state.decisions)
+            step_units = cost(setting) * batch * world
+            # the learning rate of the progress reached by this step: the first step must not get lr 0
+            lr = lr_at(cfg.optim, progress_of(train, state.step + 1, state.budget_spent + step_units))
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -165,19 +199,22 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             accelerator.unwrap_model(model).update_momentum(progress)
             state.step += 1
             state.images_seen += batch * world
+            state.budget_spent += step_units
             meter.add(loss.detach(), batch * world)
-            bar.update(1)
+            _advance(bar, train, state)
 
             # Log
-            if state.step % cfg.train.log_every == 0 or state.step == steps:
+            if state.step % train.log_every == 0 or _finished(train, state):
                 record = {
                     "step": state.step,
-                    "progress": round(state.step / steps, 6),
+                    "progress": round(progress_of(train, state.step, state.budget_spent), 6),
                     "loss": accelerator.reduce(meter.loss_sum, "mean").item() / meter.steps,
                     "lr": lr,
                     "keep": round(setting.keep, 6),
                     "patch": setting.patch,
                     "tokens": tokens_per_view(shape, setting),
+                    "budget_spent": state.budget_spent,
+                    **({"estimator_spent": state.estimator_spent} if state.estimator_spent else {}),
                     **meter.rates(),
                 }
                 meter = _Meter()
@@ -192,7 +229,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                     )
 
             # Evaluate (kNN on the labelled splits, main process)
-            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+            if train.eval_every and state.step % train.eval_every == 0:
                 if main:
                     backbone = accelerator.unwrap_model(model).backbone
                     result = evaluate_backbone(backbone, cfg.model, cfg.data, cfg.eval, accelerator.device)
@@ -203,13 +240,16 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
             # Checkpoint (and stop, on a signal from any process)
             stopping = _any_process(accelerator, stop.requested)
-            if state.step % cfg.train.checkpoint_every == 0 or state.step == steps or stopping:
-                path = save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
-            if stopping and state.step < steps:
+            finished = _finished(train, state)
+            if state.step % train.checkpoint_every == 0 or finished or stopping:
+                path = save_checkpoint(accelerator, run_dir, state, train.keep_checkpoints)
+            if stopping and not finished:
                 bar.close()
                 if main:
+                    done = progress_of(train, state.step, state.budget_spent)
+                    where = f"/{train.steps}" if train.budget is None else f" ({done:.1%} of the budget)"
                     print(
-                        f"stopped at step {state.step}/{steps}; checkpoint {path}\n"
+                        f"stopped at step {state.step}{where}; checkpoint {path}\n"
                         f"resume with: accelvit resume {run_dir}",
                         flush=True,
                     )
@@ -220,12 +260,93 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     accelerator.wait_for_everyone()
     if main:
         print(
-            f"done: {steps} steps, {state.images_seen} images\n"
+            f"done: {state.step} steps, {state.images_seen} images, {state.budget_spent:.4g} budget units\n"
             f"run: {run_dir}\nmetrics: {run_dir / METRICS}\n"
             f"export the backbone: accelvit export {run_dir} -o backbone.safetensors",
             flush=True,
         )
     return RunResult(run_dir, state.step, stopped=False)
+
+
+def _finished(train: TrainConfig, state: TrainState) -> bool:
+    if train.budget is not None:
+        return state.budget_spent >= train.budget
+    return state.step >= train.steps
+
+
+def _progress_bar(train: TrainConfig, state: TrainState, main: bool) -> tqdm:
+    if train.budget is None:
+        return tqdm(total=train.steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True)
+    done = round(100 * progress_of(train, state.step, state.budget_spent), 2)
+    return tqdm(
+        total=100, initial=done, disable=not main, unit="%", dynamic_ncols=True, bar_format=_BUDGET_BAR
+    )
+
+
+_BUDGET_BAR = "{l_bar}{bar}| {n:.1f}/100% of budget [{elapsed}<{remaining}{postfix}]"
+
+
+def _advance(bar: tqdm, train: TrainConfig, state: TrainState) -> None:
+    if train.budget is None:
+        bar.update(1)
+    else:
+        bar.update(round(100 * progress_of(train, state.step, state.budget_spent), 2) - bar.n)
+
+
+def _strategies(text: str | None, base_patch: int, allowed: list[int]) -> list[Setting]:
+    return parse_strategies(text) if text else default_strategies(base_patch, allowed)
+
+
+def _measured_costs(
+    accelerator, model, images, transform, settings, cfg: Config, run_dir: Path
+) -> list[dict]:
+    """Step costs timed once per run on the main process and shared, so every process counts alike."""
+    path = run_dir / COSTS
+    if path.is_file():  # a resumed run keeps the costs it started with
+        return read_costs(path)
+    table = [None]
+    if accelerator.is_main_process:
+        keys = [(i % len(images), i) for i in range(cfg.train.batch_size)]
+        views, _ = next(iter(build_loader(images, transform, 0, [keys])))
+        views = [v.to(accelerator.device) for v in views]
+        with accelerator.autocast():
+            table[0] = measure_costs(accelerator.unwrap_model(model), views, settings, cfg.cost.repeats)
+        write_costs(path, table[0], str(accelerator.device))
+    broadcast_object_list(table)
+    return table[0]
+
+
+def _decide(
+    cfg, accelerator, model, candidates, cost, state: TrainState, stage: float, progress: float
+) -> dict:
+    """Measure CA-MSE of the candidates on the current model and record the best as the next stage."""
+    base = cfg.model.patch_size
+    k, batch = cfg.schedule.adaptive_batches, cfg.train.batch_size
+    report = estimate_model(
+        accelerator.unwrap_model(model), cfg, accelerator, candidates, k, state.step, progress
+    )
+    full = cost(Setting(1.0, base))
+    table = ca_mse_table(report, base, lambda s: cost(s) / full)
+    previous = Setting(state.decisions[-1]["keep"], state.decisions[-1]["patch"]) if state.decisions else None
+    floor = cost(previous) if previous is not None and cfg.schedule.monotone else 0.0
+    choice = choose(table, lambda s: cost(s) >= floor - 1e-12)
+    # the estimator ran K batches of `batch` images at full input and at every candidate
+    units = k * batch * (full + sum(cost(s) for s in candidates))
+    state.budget_spent += units
+    state.estimator_spent += units
+    decision = {
+        "stage": stage,
+        "step": state.step,
+        "progress": progress,
+        **choice.to_dict(),
+        "estimator_units": units,
+    }
+    state.decisions.append(decision)
+    return decision
+
+
+def _write_decisions(run_dir: Path, decisions: list[dict]) -> None:
+    write_atomic(run_dir / DECISIONS, "".join(json.dumps(d) + "\n" for d in decisions))
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:

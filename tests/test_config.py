@@ -77,13 +77,22 @@ def test_set_overrides_parse_yaml(tiny_recipe):
         (["train.grad_error_at=[0.5, 1.0]"], "train.grad_error_at[1] = 1.0: must be a progress in [0, 1)"),
         (
             ["train.grad_error_strategies=0.5:5"],
-            "train.grad_error_strategies = '0.5:5': expected keep:patch, patch one of [4, 8, 16]",
+            "train.grad_error_strategies = '0.5:5': expected keep:patch, keep in (0, 1], patch one of [4, 8, 16]",
         ),
         (
             ["objective.local_crop_size=6"],
             "objective.local_crop_size = 6: must be a multiple of model.patch_size (4)",
         ),
         (["objective.momentum=1.0"], "objective.momentum = 1.0: must be in [0, 1)"),
+        (["train.budget=1000"], "train.steps = 6: give exactly one of train.steps and train.budget"),
+        (["train.steps=null"], "train.steps = None: give exactly one of train.steps and train.budget"),
+        (["train.steps=null", "train.budget=-1"], "train.budget = -1.0: must be positive"),
+        (["cost.model=wallclock"], "cost.model = 'wallclock': expected flops or measured"),
+        (["optim.decay=step"], "optim.decay = 'step': expected cosine or poly"),
+        (["schedule.mode=auto"], "schedule.mode = 'auto': expected fixed or adaptive"),
+        (["schedule.stages=[0.5, 0.25]"], "schedule.stages[1] = 0.25: must increase in [0, 1)"),
+        (["schedule.candidates=0.5:3"], "schedule.candidates = '0.5:3': expected keep:patch"),
+        (["schedule.file=/nonexistent/plan.yaml"], "schedule.file file not found: /nonexistent/plan.yaml"),
     ],
 )
 def test_bad_values_name_key_and_value(tiny_recipe, overrides, message):
@@ -116,3 +125,25 @@ def test_cli_error_exits_2_and_writes_nothing(tmp_path, tiny_recipe, capsys):
     assert not run_dir.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["accelvit: error: schedule.keep.start = 2.0: keep ratio must be in (0, 1]"]
+
+
+def test_budget_replaces_the_default_steps(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"train": {"budget": 5000}})
+    cfg = load_config(recipe)
+    assert (cfg.train.steps, cfg.train.budget) == (None, 5000.0)
+
+
+def test_schedule_from_an_included_file_or_schedule_file(tmp_path, tiny_recipe):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("keep: {shape: step, points: [[0.0, 0.25], [0.5, 1.0]]}\npatch: 8\n")
+    included = tmp_path / "with_include.yaml"
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    recipe["schedule"] = "PLACEHOLDER"
+    text = yaml.safe_dump(recipe).replace("PLACEHOLDER", "!include plan.yaml")
+    included.write_text(text)
+    by_include = load_config(included).schedule
+    by_file = load_config(tiny_recipe, [f"schedule.file={plan}"]).schedule
+    assert by_include.keep.points == [[0.0, 0.25], [0.5, 1.0]]
+    assert by_include.patch.start == 8
+    assert by_file == by_include  # the file is merged and then no longer needed
+    assert by_file.file is None

@@ -3,7 +3,8 @@
 An objective is an `nn.Module` built as `build(cfg, backbone, dropout_views)` whose
 `forward(views, setting, progress)` returns the loss and whose `update_momentum(progress)` runs
 after each optimizer step, plus `transform(objective_cfg, model_cfg, data_cfg)` that turns one
-image into its list of views.
+image into its list of views and `branches(objective_cfg, model_cfg, dropout_views)` that lists a
+step's encoder passes for the cost model.
 A new objective is one module and one entry here.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from accelvit.budget import Branch
 from accelvit.objectives import dino, mocov3, simclr
 
 
@@ -21,10 +23,11 @@ from accelvit.objectives import dino, mocov3, simclr
 class Objective:
     build: Callable[..., nn.Module]
     transform: Callable[..., Callable]
+    branches: Callable[..., list[Branch]]
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "simclr": Objective(build=simclr.SimCLR, transform=simclr.build_transform),
-    "mocov3": Objective(build=mocov3.MoCoV3, transform=mocov3.build_transform),
-    "dino": Objective(build=dino.DINO, transform=dino.build_transform),
+    "simclr": Objective(build=simclr.SimCLR, transform=simclr.build_transform, branches=simclr.branches),
+    "mocov3": Objective(build=mocov3.MoCoV3, transform=mocov3.build_transform, branches=mocov3.branches),
+    "dino": Objective(build=dino.DINO, transform=dino.build_transform, branches=dino.branches),
 }

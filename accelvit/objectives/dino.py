@@ -20,6 +20,7 @@ from lightly.transforms import DINOTransform
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from accelvit.budget import Branch
 from accelvit.compress import base_patch_size, forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.objectives.momentum import momentum_at
@@ -89,6 +90,19 @@ class DINO(nn.Module):
 def local_crop_size(image_size: int, base_patch: int) -> int:
     """DINO's 96/224 ratio, rounded down to a multiple of the base patch (at least one patch)."""
     return max(base_patch, (image_size * 96 // 224) // base_patch * base_patch)
+
+
+def branches(cfg: ObjectiveConfig, model: ModelConfig, dropout_views: str) -> list[Branch]:
+    """The encoder passes of a step, for the cost model: student global and local crops, teacher global."""
+    size = model.image_size
+    local = cfg.local_crop_size or local_crop_size(size, model.patch_size)
+    passes = [
+        Branch(views=2, size=size, backward=True, drops_tokens=True),
+        Branch(views=2, size=size, backward=False, drops_tokens=dropout_views == "all"),
+    ]
+    if cfg.local_crops:
+        passes.append(Branch(views=cfg.local_crops, size=local, backward=True, drops_tokens=True))
+    return passes
 
 
 def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:

@@ -19,6 +19,7 @@ from lightly.utils import dist
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from accelvit.budget import Branch
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.objectives.momentum import momentum_at
@@ -87,6 +88,14 @@ class MoCoV3(nn.Module):
         m = momentum_at(self.momentum, progress)
         update_momentum(self.backbone, self.momentum_backbone, m)
         update_momentum(self.projection, self.momentum_projection, m)
+
+
+def branches(cfg: ObjectiveConfig, model: ModelConfig, dropout_views: str) -> list[Branch]:
+    """The encoder passes of a step, for the cost model: two query views, two key views."""
+    return [
+        Branch(views=2, size=model.image_size, backward=True, drops_tokens=True),
+        Branch(views=2, size=model.image_size, backward=False, drops_tokens=dropout_views == "all"),
+    ]
 
 
 def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:

@@ -14,6 +14,7 @@ from lightly.transforms import SimCLRTransform
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from accelvit.budget import Branch
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.schedule import Setting
@@ -37,6 +38,11 @@ class SimCLR(nn.Module):
 
     def update_momentum(self, progress: float) -> None:
         """SimCLR has no momentum encoder."""
+
+
+def branches(cfg: ObjectiveConfig, model: ModelConfig, dropout_views: str) -> list[Branch]:
+    """The encoder passes of a step, for the cost model: both views carry gradients and drop tokens."""
+    return [Branch(views=2, size=model.image_size, backward=True, drops_tokens=True)]
 
 
 def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:

@@ -1,0 +1,122 @@
+"""Runs that train for a compute budget, with costs from FLOPs or timings, and the adaptive schedule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from accelvit.checkpoint import create_run_dir
+from accelvit.config import load_config
+from accelvit.train import pretrain
+
+# One uncompressed SimCLR step of the tiny recipe costs 6 units per image (2 views, forward + backward).
+FULL_STEP = 6.0 * 8
+
+
+def records(run_dir) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def run(tmp_path, recipe, overrides, name="run"):
+    cfg = load_config(recipe, ["train.steps=null", *overrides])
+    run_dir = tmp_path / name
+    create_run_dir(run_dir, cfg)
+    pretrain(cfg, run_dir)
+    return cfg, run_dir
+
+
+def test_keep_half_performs_about_twice_the_steps_of_keep_one(tmp_path, tiny_recipe):
+    budget = [f"train.budget={10 * FULL_STEP}", "schedule.patch=4"]
+    _, full = run(tmp_path, tiny_recipe, [*budget, "schedule.keep=1.0"], "full")
+    _, half = run(tmp_path, tiny_recipe, [*budget, "schedule.keep=0.5"], "half")
+    full_log, half_log = records(full), records(half)
+    assert len(full_log) == 10
+    assert full_log[-1]["budget_spent"] == pytest.approx(10 * FULL_STEP)
+    # 16 patches: keep 0.5 leaves 9 of 17 tokens, so a step costs a bit more than half
+    assert 17 <= len(half_log) <= 20
+    assert half_log[-1]["budget_spent"] >= 10 * FULL_STEP > half_log[-2]["budget_spent"]
+    assert [r["progress"] for r in half_log] == sorted(r["progress"] for r in half_log)
+    assert half_log[-1]["progress"] == 1.0
+
+
+def test_poly_learning_rate_follows_budget_progress(tmp_path, tiny_recipe):
+    _, run_dir = run(
+        tmp_path,
+        tiny_recipe,
+        [f"train.budget={8 * FULL_STEP}", "schedule.keep=1.0", "schedule.patch=4", "optim.decay=poly",
+         "optim.warmup=0.0"],
+    )  # fmt: skip
+    log = records(run_dir)
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * (1 - (i + 1) / 8) ** 2 for i in range(8)])
+
+
+def test_measured_costs_are_stored_and_reused_on_resume(tmp_path, tiny_recipe):
+    cfg, run_dir = run(tmp_path, tiny_recipe, [f"train.budget={6 * FULL_STEP}", "cost.model=measured"])
+    costs = json.loads((run_dir / "costs.json").read_text())["costs"]
+    patches = {c["patch"] for c in costs}
+    assert patches == {4, 8}  # the ones the tiny schedule uses
+    assert all(c["units"] > 0 for c in costs)
+    uninterrupted = records(run_dir)
+    steps = uninterrupted[-1]["step"]
+    last = max(int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir())
+    shutil.rmtree(run_dir / f"checkpoints/step_{last}")
+    pretrain(cfg, run_dir, resume=True)
+    resumed = records(run_dir)
+    assert resumed[-1]["step"] == steps
+    assert [(r["loss"], r["budget_spent"]) for r in resumed] == [
+        (r["loss"], r["budget_spent"]) for r in uninterrupted
+    ]
+
+
+ADAPTIVE = [
+    f"train.budget={12 * FULL_STEP}",
+    "schedule.mode=adaptive",
+    "schedule.stages=[0.0, 0.5]",
+    "schedule.candidates=0.5:4,0.25:8",
+    "schedule.adaptive_batches=2",
+    "train.checkpoint_every=2",
+]
+
+
+def test_adaptive_run_decides_logs_and_resumes_bit_exactly_across_a_decision(tmp_path, tiny_recipe):
+    cfg, run_dir = run(tmp_path, tiny_recipe, ADAPTIVE)
+    decisions = [json.loads(line) for line in (run_dir / "schedule_decisions.jsonl").read_text().splitlines()]
+    assert [d["stage"] for d in decisions] == [0.0, 0.5]
+    assert decisions[0]["step"] == 0 and decisions[1]["progress"] >= 0.5
+    for d in decisions:
+        assert (d["keep"], d["patch"]) in {(1.0, 4), (0.5, 4), (0.25, 8)}
+        assert d["runner_up"] is not None and d["ca_mse"] <= d["runner_up"]["ca_mse"]
+        # the estimator ran 2 batches of 8 images at full input and at both candidates
+        assert d["estimator_units"] > 2 * 8 * 6.0
+    log = records(run_dir)
+    settings = [(r["keep"], r["patch"]) for r in log]
+    first = decisions[1]["step"]
+    assert set(settings[:first]) == {(decisions[0]["keep"], decisions[0]["patch"])}
+    assert set(settings[first:]) == {(decisions[1]["keep"], decisions[1]["patch"])}
+    # the second decision never compresses more than the first (monotone)
+    costs = {(1.0, 4): 3, (0.5, 4): 2, (0.25, 8): 1}
+    assert (
+        costs[(decisions[1]["keep"], decisions[1]["patch"])]
+        >= costs[(decisions[0]["keep"], decisions[0]["patch"])]
+    )
+    assert log[-1]["estimator_spent"] == pytest.approx(sum(d["estimator_units"] for d in decisions))
+    final = load_file(str(run_dir / f"checkpoints/step_{log[-1]['step']}/model.safetensors"))
+
+    # Resume from the checkpoint just before the second decision: it is taken again, identically.
+    before = max(s for s in range(0, first + 1, 2) if s > 0)
+    for path in (run_dir / "checkpoints").iterdir():
+        if int(path.name[5:]) > before:
+            shutil.rmtree(path)
+    pretrain(cfg, run_dir, resume=True)
+    again = [json.loads(line) for line in (run_dir / "schedule_decisions.jsonl").read_text().splitlines()]
+    assert again == decisions
+    assert [(r["step"], r["loss"], r["budget_spent"]) for r in records(run_dir)] == [
+        (r["step"], r["loss"], r["budget_spent"]) for r in log
+    ]
+    resumed = load_file(str(run_dir / f"checkpoints/step_{log[-1]['step']}/model.safetensors"))
+    assert all(torch.equal(final[k], resumed[k]) for k in final)

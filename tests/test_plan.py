@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from accelvit.cli import main
+from accelvit.config import ConfigError, load_config
+from accelvit.gradbias import SCHEMA
+from accelvit.plan import ca_mse_table, choose, plan, schedule_from_plan
+from accelvit.schedule import Setting, setting_at
+
+
+def report(progress: float, full_variance: float, rows: list[tuple]) -> dict:
+    """A hand-made report: rows of (keep, patch, bias_sq, variance, cost, flops)."""
+    return {
+        "schema": SCHEMA,
+        "model": {"patch_size": 4, "image_size": 16},
+        "step": int(progress * 100),
+        "progress": progress,
+        "strategies": [
+            {
+                "keep": keep,
+                "patch": patch,
+                "bias_sq": bias,
+                "variance": var,
+                "variance_full": full_variance,
+                "cost": cost,
+                "flops": flops,
+                "ca_mse": bias + cost * var,
+            }
+            for keep, patch, bias, var, cost, flops in rows
+        ],
+    }
+
+
+# Early: variance dominates and the cheapest strategy wins; late: bias dominates and full input wins.
+EARLY = report(0.0, 10.0, [(0.5, 4, 0.1, 12.0, 0.5, 0.5), (0.25, 8, 0.5, 15.0, 0.1, 0.08)])  # 6.1, 2.0
+MIDDLE = report(0.5, 2.0, [(0.5, 4, 0.2, 2.2, 0.5, 0.5), (0.25, 8, 3.0, 3.0, 0.1, 0.08)])  # 1.3, 3.3
+LATE = report(0.75, 0.5, [(0.5, 4, 0.6, 0.6, 0.5, 0.5), (0.25, 8, 3.0, 1.0, 0.1, 0.08)])  # 0.9, 3.1
+
+
+def test_full_input_is_a_candidate_with_its_own_variance():
+    table = ca_mse_table(LATE, base_patch=4)
+    assert table == {Setting(1.0, 4): 0.5, Setting(0.5, 4): pytest.approx(0.9), Setting(0.25, 8): 3.1}
+
+
+def test_choose_gives_the_argmin_and_the_runner_up():
+    choice = choose(ca_mse_table(EARLY, 4))
+    assert choice.setting == Setting(0.25, 8)
+    assert choice.runner_up == Setting(0.5, 4)
+    assert choice.margin == pytest.approx(6.1 / 2.0 - 1)
+    # only strategies at least as expensive as keep 0.5 allowed (the adaptive schedule's monotone rule)
+    assert choose(ca_mse_table(EARLY, 4), lambda s: s != Setting(0.25, 8)).setting == Setting(0.5, 4)
+
+
+def test_plan_picks_the_argmin_per_stage_in_progress_order():
+    stages = plan([LATE, EARLY, MIDDLE], base_patch=4)
+    assert [p for p, _ in stages] == [0.0, 0.5, 0.75]
+    assert [c.setting for _, c in stages] == [Setting(0.25, 8), Setting(0.5, 4), Setting(1.0, 4)]
+    # with analytic FLOPs as the cost, the ranking uses the reports' flops column instead
+    flops = plan([EARLY], base_patch=4, cost="flops")[0][1]
+    assert flops.ca_mse == pytest.approx(0.5 + 0.08 * 15.0)
+
+
+def test_plan_refuses_two_reports_of_one_stage():
+    with pytest.raises(ConfigError, match="same progress"):
+        plan([EARLY, EARLY], base_patch=4)
+
+
+def test_plan_command_writes_a_schedule_that_a_recipe_validates(tmp_path, tiny_recipe, capsys):
+    paths = []
+    for name, rep in (("early", EARLY), ("middle", MIDDLE), ("late", LATE)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rep))
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", *map(str, paths), "-o", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "0.25:8" in table and "runner-up" in table
+    cfg = load_config(tiny_recipe, [f"schedule.file={out}"])
+    got = [setting_at(cfg.schedule, p, 16, 4) for p in (0.0, 0.3, 0.5, 0.7, 0.75, 1.0)]
+    assert got == [Setting(0.25, 8)] * 2 + [Setting(0.5, 4)] * 2 + [Setting(1.0, 4)] * 2
+    assert schedule_from_plan(plan([EARLY, MIDDLE, LATE], 4))["patch"]["points"] == [
+        [0.0, 8],
+        [0.5, 4],
+        [0.75, 4],
+    ]
+
+
+def test_plan_rejects_a_report_of_another_schema(tmp_path, capsys):
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps({**EARLY, "schema": "accelvit.grad-error/0"}))
+    assert main(["plan", str(bad), "-o", str(tmp_path / "p.yaml")]) == 2
+    assert "report schema 'accelvit.grad-error/0'" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
