@@ -1,7 +1,8 @@
 """The schedule engine: training progress (0 -> 1) to a compression setting (keep, patch).
 
-Pure and deterministic: the setting is a function of progress alone, so resuming a run needs only
-its step. Learning rate follows the same progress (warm-up, then cosine decay).
+Pure and deterministic: the setting is a function of progress (and, for the adaptive schedule, of the
+decisions recorded so far), so resuming a run needs only its checkpointed TrainState. The learning
+rate follows the same progress (warm-up, then cosine or poly decay).
 """
 
 from __future__ import annotations
