@@ -7,7 +7,8 @@ RUN_DIR/
   costs.json           measured step costs (`cost.model: measured`), reused on resume
   schedule_decisions.jsonl  adaptive schedule: one line per stage decision
   checkpoints/step_N/  accelerate's `save_state` (model, optimizer, RNG states of every process)
-                       + trainer_state.json (TrainState) + manifest.json (files and sizes)
+                       + trainer_state.json (TrainState) + identity.json (accelvit version, model
+                       and objective) + manifest.json (files and sizes)
 
 A checkpoint is written under a temporary name and renamed into place once complete, so a crash
 mid-save never leaves a checkpoint that looks complete.
@@ -25,8 +26,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from accelvit import __version__
 from accelvit.config import Config, ConfigError, dump_config
-from accelvit.distributed import process_state
+from accelvit.distributed import any_process, process_state
 
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
@@ -35,6 +37,7 @@ COSTS = "costs.json"
 DECISIONS = "schedule_decisions.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
+IDENTITY = "identity.json"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 
@@ -49,6 +52,10 @@ class TrainState:
     estimator_spent: float = 0.0  # the part of budget_spent the adaptive schedule's estimator used
     grad_error_done: list[float] = field(default_factory=list)  # train.grad_error_at points taken
     decisions: list[dict] = field(default_factory=list)  # adaptive schedule, one per stage
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (train.on_nonfinite: skip)
+    skipped_in_row: int = 0
+    bad_files: int = 0  # unreadable images skipped (data.on_bad_file: skip), counted per read
+    bad_file_examples: list[str] = field(default_factory=list)  # the first few, 'PATH: reason'
 
 
 def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:
@@ -94,28 +101,101 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint; leftovers of interrupted saves are removed with a warning."""
+    """The newest complete checkpoint whose files match its manifest.
+
+    Leftovers of interrupted saves are removed with a warning; a damaged checkpoint (a file missing
+    or of another size than its manifest says) is passed over with a warning and kept for inspection.
+    """
     folder = run_dir / CHECKPOINTS
     if folder.is_dir():
         for leftover in folder.glob(TMP_PREFIX + "*"):
             warnings.warn(f"removing incomplete checkpoint {leftover}", stacklevel=2)
             shutil.rmtree(leftover, ignore_errors=True)
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except ConfigError as exc:
+            warnings.warn(f"{exc}; trying the one before", stacklevel=2)
+            continue
+        return path
+    return None
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
-    """Write RUN_DIR/checkpoints/step_N atomically on every process; keep the newest `keep`."""
+def run_identity(cfg: Config) -> dict:
+    """What a checkpoint's meaning depends on: the accelvit version, the model and the objective."""
+    return {
+        "accelvit": __version__,
+        "model": dataclasses.asdict(cfg.model),
+        "objective": dataclasses.asdict(cfg.objective),
+    }
+
+
+def check_identity(path: Path, identity: dict) -> None:
+    """Refuse a checkpoint of another accelvit major version, or of another model or objective."""
+    file = path / IDENTITY
+    if not file.is_file():
+        return
+    saved = json.loads(file.read_text())
+    if saved["accelvit"].split(".")[0] != identity["accelvit"].split(".")[0]:
+        raise ConfigError(
+            f"checkpoint '{path}' was written by accelvit {saved['accelvit']}, which this accelvit "
+            f"{identity['accelvit']} cannot resume (another major version)"
+        )
+    changed = [
+        f"{section}.{key} ({saved[section].get(key)!r} -> {value!r})"
+        for section in ("model", "objective")
+        for key, value in identity[section].items()
+        if saved[section].get(key) != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"resume refused: the recipe changes {', '.join(changed)} since checkpoint '{path}'; "
+            "restore the recipe or start a new run"
+        )
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int, identity: dict | None = None
+) -> Path:
+    """Write RUN_DIR/checkpoints/step_N atomically on every process; keep the newest `keep`.
+
+    The checkpoint is written under a temporary name and renamed into place once complete, and older
+    ones are removed only after that, so an error (disk full, I/O) leaves the earlier checkpoints as
+    they were. Every process then raises `SaveError` together.
+    """
     final = run_dir / CHECKPOINTS / f"step_{state.step}"
     tmp = final.with_name(TMP_PREFIX + final.name)
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+
+    def phase(fn, everyone: bool = False) -> None:
+        error = None
+        if everyone or main:
+            try:
+                fn()
+            except Exception as exc:  # OSError, or torch's RuntimeError and safetensors' error wrapping one
+                error = exc
+        if any_process(accelerator, error is not None):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = list_checkpoints(run_dir) if main else []
+            kept = f"newest intact checkpoint: {previous[-1]}" if previous else "no earlier checkpoint"
+            raise SaveError(
+                f"could not write checkpoint {final}: {error or 'failed on another process'}; {kept}"
+            )
+        accelerator.wait_for_everyone()
+
+    def start() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its own RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def finish() -> None:
         (tmp / STATE).write_text(json.dumps(dataclasses.asdict(state)))
+        if identity is not None:
+            (tmp / IDENTITY).write_text(json.dumps(identity, indent=1))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         write_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=1))
         _fsync_dir(tmp)
@@ -123,8 +203,13 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+
+    phase(start)
+    phase(lambda: accelerator.save_state(str(tmp)), everyone=True)  # every process saves its RNG state
+    phase(finish)
+    if main:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -150,9 +235,11 @@ def verify_checkpoint(path: Path) -> None:
             )
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:
+def load_checkpoint(accelerator: Accelerator, path: Path, identity: dict | None = None) -> TrainState:
     """Restore model, optimizer and RNG states from `path`; returns the loop state."""
     verify_checkpoint(path)
+    if identity is not None:
+        check_identity(path, identity)
     accelerator.load_state(str(path))
     return TrainState(**json.loads((path / STATE).read_text()))
 

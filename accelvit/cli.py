@@ -276,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"accelvit: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from accelvit.checkpoint import SaveError
+        from accelvit.train import NonFiniteError
+
+        if isinstance(exc, (NonFiniteError, SaveError)):
+            print(f"accelvit: stopped: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

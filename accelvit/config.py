@@ -57,6 +57,9 @@ class DataConfig:
     workers: int = _doc(2, "data-loader worker processes (0: load in the training process)")
     limit: int | None = _doc(None, "use only the first N training images (null: all)")
     crop_min_scale: float = _doc(0.08, "smallest area fraction of the random resized crop")
+    on_bad_file: str = _doc(
+        "skip", "an unreadable image file: skip it (the next image stands in, counted) or error"
+    )
 
 
 @dataclass
@@ -153,6 +156,11 @@ class TrainConfig:
     checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
     precision: str = _doc("no", "mixed precision: no, fp16 or bf16")
+    on_nonfinite: str = _doc(
+        "stop", "non-finite loss or gradients: stop (checkpoint the last good state) or skip the step"
+    )
+    max_skipped: int = _doc(10, "on_nonfinite skip: stop after this many skipped steps in a row")
+    on_save_error: str = _doc("stop", "a checkpoint cannot be written (disk full, I/O error): stop or warn")
 
 
 @dataclass
@@ -380,6 +388,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _require(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive or null")
     _require(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
+    _require(d.on_bad_file in ("skip", "error"), "data.on_bad_file", d.on_bad_file, "expected skip or error")
     if (
         check_paths
         and d.dataset != "synthetic"
@@ -484,6 +493,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
     _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
     _require(t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16")
+    _require(
+        t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", t.on_nonfinite, "expected stop or skip"
+    )
+    _require(t.max_skipped > 0, "train.max_skipped", t.max_skipped, "must be positive")
+    _require(
+        t.on_save_error in ("stop", "warn"), "train.on_save_error", t.on_save_error, "expected stop or warn"
+    )
 
 
 def _validate_strategies(text: str | None, key: str, allowed: list[int]) -> None:

@@ -89,9 +89,21 @@ def image_folder(cfg: DataConfig, train: bool) -> Dataset:
     if not train and folder == root:
         raise ConfigError(f"data.root = '{root}': evaluation needs a val/ folder beside train/")
     try:
-        return ImageFolder(str(folder), loader=lambda p: Image.open(p).convert("RGB"))
+        return ImageFolder(str(folder), loader=open_rgb)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ConfigError(f"data.root = '{folder}': {exc}") from None
+
+
+class BadImageError(Exception):
+    """An image file that cannot be decoded; `str()` is 'PATH: reason'."""
+
+
+def open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unreadable or truncated files
+        raise BadImageError(f"{path}: {exc}") from None
 
 
 def synthetic(cfg: DataConfig, train: bool, size: int = 32) -> Dataset:
@@ -148,7 +160,12 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 class ViewDataset(Dataset):
-    """Turns (index, sample_seed) keys into (views, label), augmentations seeded per sample."""
+    """Turns (index, sample_seed) keys into (views, label, bad), augmentations seeded per sample.
+
+    An unreadable image is replaced by the next readable one (so the stream stays a function of the
+    seed and step); `bad` is 'PATH: reason' of the first unreadable file met, or ''. What to do about
+    it (`data.on_bad_file`) is the training loop's decision, taken in the main process.
+    """
 
     def __init__(self, images: Dataset, transform: Callable):
         self.images, self.transform = images, transform
@@ -156,12 +173,20 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int, str]:
         index, sample_seed = key
-        image, label = self.images[index]
+        bad = ""
+        for offset in range(len(self.images)):
+            try:
+                image, label = self.images[(index + offset) % len(self.images)]
+                break
+            except BadImageError as exc:
+                bad = bad or str(exc)
+        else:
+            raise BadImageError(f"no image of the dataset can be read (first: {bad})")
         with seeded(sample_seed):
             views = self.transform(image)
-        return views, label
+        return views, label, bad
 
 
 class StepBatchSampler:
@@ -218,7 +243,7 @@ def build_loader(
     sampler: StepBatchSampler,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader over `sampler`'s steps; batches are (list of view tensors, labels)."""
+    """A DataLoader over `sampler`'s steps; batches are (list of view tensors, labels, bad files)."""
     return DataLoader(
         ViewDataset(images, transform),
         batch_sampler=sampler,

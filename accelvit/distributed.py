@@ -19,6 +19,14 @@ def use_cpu() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available())
 
 
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process if `flag` is true on any of them."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(value, "max").item())
+
+
 def process_state() -> PartialState:
     """accelerate's process group (gloo on CPU), created once and shared with the Accelerator."""
     return PartialState(cpu=use_cpu())

@@ -337,7 +337,7 @@ def estimate_model(
     )
 
     def batches() -> Iterator[list[torch.Tensor]]:
-        for (k, _), (views, _) in zip(mine, loader, strict=True):
+        for (k, _), (views, _, _) in zip(mine, loader, strict=True):
             torch.manual_seed(cfg.train.seed * 1_000_003 + step + k)  # token subsets of batch k
             yield [v.to(accelerator.device) for v in views]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,20 +32,23 @@ from accelvit.budget import (
     write_costs,
 )
 from accelvit.checkpoint import (
+    CHECKPOINTS,
     COSTS,
     DECISIONS,
     GRAD_ERROR,
     METRICS,
+    SaveError,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    run_identity,
     save_checkpoint,
     truncate_metrics,
     write_atomic,
 )
 from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig, allowed_patch_sizes
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
-from accelvit.distributed import use_cpu
+from accelvit.distributed import any_process, use_cpu
 from accelvit.evaluate import evaluate_backbone
 from accelvit.gradbias import default_strategies, estimate_model
 from accelvit.objectives import OBJECTIVES
@@ -113,7 +117,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise ConfigError(f"'{run_dir}' has no complete checkpoint to resume from")
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_checkpoint(accelerator, checkpoint, run_identity(cfg))
         if main:
             truncate_metrics(run_dir, state.step)
             _write_decisions(run_dir, state.decisions)
@@ -155,9 +159,10 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
             # Data (time spent waiting for it is data_s)
             tick = time.perf_counter()
-            views, _ = next(batches)
+            views, _, bad = next(batches)
             views = [v.to(accelerator.device, non_blocking=True) for v in views]
             meter.data_s += time.perf_counter() - tick
+            _check_bad_files(bad, cfg.data.on_bad_file, state, main)
 
             # Gradient error of compressed inputs on the current model (train.grad_error_at)
             for point in due_points(train.grad_error_at, progress, state.grad_error_done):
@@ -189,40 +194,43 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # Forward, backward, step, momentum
+            # Forward, backward, step, momentum; a non-finite loss or gradient skips the step or stops
+            buffers = {k: v.clone() for k, v in model.named_buffers()}
             loss = model(views, setting, progress)
             accelerator.backward(loss)
-            if cfg.optim.clip_grad is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
+            grad_norm = _grad_norm(accelerator, model, cfg.optim.clip_grad)
+            # fp16: gradient overflow is the loss scaler's business (it skips the step itself)
+            finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (train.precision == "fp16"))
+            finite = not any_process(accelerator, not bool(finite))
+            if finite:
+                optimizer.step()
+                accelerator.unwrap_model(model).update_momentum(progress)
+                state.skipped_in_row = 0
             optimizer.zero_grad(set_to_none=True)
-            accelerator.unwrap_model(model).update_momentum(progress)
+            if not finite:
+                with torch.no_grad():  # the forward put NaN into batch-norm statistics (DINO: its centre)
+                    for k, v in model.named_buffers():
+                        v.copy_(buffers[k])
+                state.skipped += 1
+                state.skipped_in_row += 1
+                if train.on_nonfinite == "stop" or state.skipped_in_row >= train.max_skipped:
+                    _stop_nonfinite(accelerator, run_dir, state, train, cfg, loss, grad_norm)
             state.step += 1
             state.images_seen += batch * world
             state.budget_spent += step_units
-            meter.add(loss.detach(), batch * world)
+            if finite:
+                meter.add(loss.detach(), batch * world)
             _advance(bar, train, state)
 
             # Log
             if state.step % train.log_every == 0 or _finished(train, state):
-                record = {
-                    "step": state.step,
-                    "progress": round(progress_of(train, state.step, state.budget_spent), 6),
-                    "loss": accelerator.reduce(meter.loss_sum, "mean").item() / meter.steps,
-                    "lr": lr,
-                    "keep": round(setting.keep, 6),
-                    "patch": setting.patch,
-                    "tokens": tokens_per_view(shape, setting),
-                    "budget_spent": state.budget_spent,
-                    **({"estimator_spent": state.estimator_spent} if state.estimator_spent else {}),
-                    **meter.rates(),
-                }
+                record = _log_record(accelerator, meter, state, train, lr, setting, shape)
                 meter = _Meter()
                 if main:
                     with open(run_dir / METRICS, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(
-                        loss=f"{record['loss']:.4f}",
+                        loss="skipped" if record["loss"] is None else f"{record['loss']:.4f}",
                         keep=f"{setting.keep:.2f}",
                         patch=setting.patch,
                         img_s=f"{record['images_per_s']:.0f}",
@@ -239,10 +247,10 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                 accelerator.wait_for_everyone()
 
             # Checkpoint (and stop, on a signal from any process)
-            stopping = _any_process(accelerator, stop.requested)
+            stopping = any_process(accelerator, stop.requested)
             finished = _finished(train, state)
             if state.step % train.checkpoint_every == 0 or finished or stopping:
-                path = save_checkpoint(accelerator, run_dir, state, train.keep_checkpoints)
+                path = _save(accelerator, run_dir, state, cfg)
             if stopping and not finished:
                 bar.close()
                 if main:
@@ -258,6 +266,12 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
         stop.restore()
         bar.close()
     accelerator.wait_for_everyone()
+    if main and state.bad_files:
+        print(
+            f"skipped {state.bad_files} reads of unreadable images, e.g. "
+            + "; ".join(state.bad_file_examples),
+            flush=True,
+        )
     if main:
         print(
             f"done: {state.step} steps, {state.images_seen} images, {state.budget_spent:.4g} budget units\n"
@@ -266,6 +280,83 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             flush=True,
         )
     return RunResult(run_dir, state.step, stopped=False)
+
+
+def _log_record(
+    accelerator, meter: _Meter, state: TrainState, train: TrainConfig, lr, setting, shape
+) -> dict:
+    """One line of metrics.jsonl; the loss is the mean over processes and over the steps since the
+    last line that were not skipped (null if all were)."""
+    loss = accelerator.reduce(meter.loss_sum, "mean").item() / meter.steps if meter.steps else None
+    extra = {"estimator_spent": state.estimator_spent, "skipped": state.skipped, "bad_files": state.bad_files}
+    return {
+        "step": state.step,
+        "progress": round(progress_of(train, state.step, state.budget_spent), 6),
+        "loss": loss,
+        "lr": lr,
+        "keep": round(setting.keep, 6),
+        "patch": setting.patch,
+        "tokens": tokens_per_view(shape, setting),
+        "budget_spent": state.budget_spent,
+        **{k: v for k, v in extra.items() if v},
+        **meter.rates(),
+    }
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient; the message names the step and values."""
+
+
+def _grad_norm(accelerator: Accelerator, model: torch.nn.Module, clip: float | None) -> torch.Tensor:
+    """Global gradient norm (clipped to `clip` if given), NaN or inf if any gradient is."""
+    if clip is not None:
+        return accelerator.clip_grad_norm_(model.parameters(), clip)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def _stop_nonfinite(
+    accelerator, run_dir: Path, state: TrainState, train: TrainConfig, cfg, loss, norm
+) -> None:
+    """Checkpoint the last good state (the weights before this step) unless it is saved, and stop."""
+    existing = run_dir / CHECKPOINTS / f"step_{state.step}"
+    path = existing if existing.is_dir() else None
+    if path is None and state.step > 0:
+        path = _save(accelerator, run_dir, state, cfg)
+    why = (
+        f"{state.skipped_in_row} steps in a row (train.max_skipped)"
+        if train.on_nonfinite == "skip"
+        else "train.on_nonfinite: stop; 'skip' would skip such steps"
+    )
+    saved = f"last good state: {path}" if path else "no step was completed, nothing saved"
+    raise NonFiniteError(
+        f"step {state.step + 1}: non-finite loss {loss.item():.4g} or gradient norm {float(norm):.4g} "
+        f"({why}); {saved}"
+    )
+
+
+def _save(accelerator: Accelerator, run_dir: Path, state: TrainState, cfg: Config) -> Path | None:
+    """Checkpoint; on a write error stop (SaveError) or, with train.on_save_error: warn, go on."""
+    try:
+        return save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, run_identity(cfg))
+    except SaveError as exc:
+        if cfg.train.on_save_error == "stop":
+            raise
+        if accelerator.is_main_process:
+            warnings.warn(f"{exc}; training goes on (train.on_save_error: warn)", stacklevel=2)
+        return None
+
+
+def _check_bad_files(bad: list[str], policy: str, state: TrainState, main: bool) -> None:
+    """data.on_bad_file: stop at the first unreadable image, or count it and name the first few."""
+    for item in filter(None, bad):
+        if policy == "error":
+            raise ConfigError(f"unreadable image {item} (data.on_bad_file: error; 'skip' would skip it)")
+        state.bad_files += 1
+        if len(state.bad_file_examples) < 5 and item not in state.bad_file_examples:
+            state.bad_file_examples.append(item)
+            if main:
+                warnings.warn(f"skipping unreadable image {item} (data.on_bad_file: skip)", stacklevel=2)
 
 
 def _finished(train: TrainConfig, state: TrainState) -> bool:
@@ -307,7 +398,7 @@ def _measured_costs(
     table = [None]
     if accelerator.is_main_process:
         keys = [(i % len(images), i) for i in range(cfg.train.batch_size)]
-        views, _ = next(iter(build_loader(images, transform, 0, [keys])))
+        views, _, _ = next(iter(build_loader(images, transform, 0, [keys])))
         views = [v.to(accelerator.device) for v in views]
         with accelerator.autocast():
             table[0] = measure_costs(accelerator.unwrap_model(model), views, settings, cfg.cost.repeats)
@@ -347,13 +438,6 @@ def _decide(
 
 def _write_decisions(run_dir: Path, decisions: list[dict]) -> None:
     write_atomic(run_dir / DECISIONS, "".join(json.dumps(d) + "\n" for d in decisions))
-
-
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor(float(flag), device=accelerator.device)
-    return bool(accelerator.reduce(value, "max").item())
 
 
 class _Meter:

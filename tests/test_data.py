@@ -77,7 +77,7 @@ def test_views_do_not_depend_on_workers_and_leave_global_rng_alone():
         before = torch.random.get_rng_state()
         sampler = StepBatchSampler(len(images), 4, seed=0, start_step=0, steps=3)
         loader = build_loader(images, transform, workers, sampler)
-        batches[workers] = [views for views, _ in loader]
+        batches[workers] = [views for views, _, _ in loader]
         assert torch.equal(torch.random.get_rng_state(), before)
     for a, b in zip(batches[0], batches[2], strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
@@ -106,7 +106,7 @@ def test_image_folder_with_train_and_val(tmp_path):
     assert (len(train), len(val)) == (6, 4)
     image, label = train[5]
     assert image.mode == "RGB" and label == 1
-    views, _ = ViewDataset(train, simclr_views(cfg))[(5, 0)]
+    views, _, _ = ViewDataset(train, simclr_views(cfg))[(5, 0)]
     assert [v.shape for v in views] == [(3, 16, 16), (3, 16, 16)]
 
 

@@ -1,0 +1,318 @@
+"""Faults caused for real: NaN through the data, a killed process, a partial checkpoint, a failing
+disk write, corrupt image files, an edited recipe. Nothing before the last checkpoint may be lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from accelvit.checkpoint import create_run_dir, latest_checkpoint, list_checkpoints
+from accelvit.cli import main
+from accelvit.config import ConfigError, load_config
+from accelvit.data import StepBatchSampler
+from accelvit.objectives import OBJECTIVES, Objective
+from accelvit.train import NonFiniteError, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN injected through the data: the views of one image of the synthetic set are NaN
+
+
+# The image whose views are NaN: one not in the first batch (16 images, batch 8, seed 0).
+POISONED = min(set(range(16)) - {i for i, _ in next(iter(StepBatchSampler(16, 8, 0, 0, 1)))})
+
+
+@pytest.fixture
+def poisoned_data(monkeypatch):
+    simclr = OBJECTIVES["simclr"]
+    marker = None
+
+    def transform(cfg, model, data):
+        views = simclr.transform(cfg, model, data)
+
+        def poisoned(image):
+            out = views(image)
+            if np.array_equal(np.asarray(image), marker):
+                out = [torch.full_like(v, float("nan")) for v in out]
+            return out
+
+        return poisoned
+
+    from accelvit.config import DataConfig
+    from accelvit.data import load_dataset
+
+    marker = np.asarray(load_dataset(DataConfig(dataset="synthetic", limit=16))[POISONED][0])
+    monkeypatch.setitem(OBJECTIVES, "simclr", Objective(simclr.build, transform, simclr.branches))
+
+
+def poisoned_steps(steps: int) -> list[int]:
+    """Steps (1-based) whose batch holds the poisoned image: 16 images, batch 8, seed 0."""
+    sampler = StepBatchSampler(16, 8, 0, 0, steps)
+    return [s + 1 for s, keys in enumerate(sampler) if POISONED in [i for i, _ in keys]]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tmp_path, tiny_recipe, poisoned_data):
+    cfg = load_config(tiny_recipe, ["data.limit=16", "train.steps=8", "train.checkpoint_every=1"])
+    first_bad = poisoned_steps(8)[0]
+    assert first_bad > 1
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    with pytest.raises(NonFiniteError) as info:
+        pretrain(cfg, run_dir)
+    message = str(info.value)
+    assert message.startswith(f"step {first_bad}: non-finite loss nan")
+    assert f"last good state: {run_dir / 'checkpoints' / f'step_{first_bad - 1}'}" in message
+    assert "\n" not in message
+    assert latest_checkpoint(run_dir).name == f"step_{first_bad - 1}"
+    weights = load_file(str(run_dir / f"checkpoints/step_{first_bad - 1}/model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert [s for s, _ in losses(run_dir)] == list(range(1, first_bad))
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tiny_recipe, poisoned_data):
+    cfg = load_config(
+        tiny_recipe, ["data.limit=16", "train.steps=8", "train.on_nonfinite=skip", "train.max_skipped=3"]
+    )
+    bad = poisoned_steps(8)
+    assert 0 < len(bad) < 8
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    assert pretrain(cfg, run_dir).step == 8
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r.get("skipped", 0) == sum(1 for s in bad if s <= r["step"])
+        assert (r["loss"] is None) == (r["step"] in bad)  # log_every 1: a skipped step logs no loss
+        assert r["loss"] is None or np.isfinite(r["loss"])
+    weights = load_file(str(run_dir / "checkpoints/step_8/model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_too_many_skipped_steps_in_a_row_stop(tmp_path, tiny_recipe, poisoned_data):
+    # 8 images, batch 8: every batch holds the poisoned image
+    cfg = load_config(
+        tiny_recipe, ["data.limit=8", "train.steps=8", "train.on_nonfinite=skip", "train.max_skipped=2"]
+    )
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    with pytest.raises(NonFiniteError, match=r"^step 2: .*2 steps in a row \(train.max_skipped\)"):
+        pretrain(cfg, run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# A killed process and a partially written checkpoint
+
+
+def _start(run_dir: Path, recipe: Path, *overrides: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "accelvit.cli", "pretrain", str(recipe), "-o", str(run_dir)]
+    for item in overrides:
+        args += ["--set", item]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_loses_nothing_before_the_last_checkpoint(tmp_path, tiny_recipe):
+    overrides = ["train.steps=40", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    reference = tmp_path / "reference"
+    cfg = load_config(tiny_recipe, overrides)
+    create_run_dir(reference, cfg)
+    pretrain(cfg, reference)
+
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, tiny_recipe, *overrides)
+    deadline = time.time() + 120
+    while len(list((run_dir / "checkpoints").glob("step_*"))) < 2 or len(losses(run_dir)) < 5:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)  # it saves every step: the kill may well land mid-save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = len(losses(run_dir))
+    assert killed_at < 40
+
+    # what a crash in the middle of a save leaves: a temporary folder with a truncated file
+    newest = latest_checkpoint(run_dir)
+    partial = run_dir / "checkpoints" / f".tmp-step_{killed_at + 1}"
+    shutil.copytree(newest, partial)
+    (partial / "model.safetensors").write_bytes((partial / "model.safetensors").read_bytes()[:100])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain(cfg, run_dir, resume=True)
+    assert any("removing incomplete checkpoint" in str(w.message) for w in caught)
+    assert not partial.exists()
+    assert losses(run_dir) == losses(reference)  # bit for bit, as if it had never been killed
+    a = load_file(str(run_dir / "checkpoints/step_40/model.safetensors"))
+    b = load_file(str(reference / "checkpoints/step_40/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, tiny_config):
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    model = run_dir / "checkpoints/step_6/model.safetensors"
+    model.write_bytes(model.read_bytes()[:-10])  # the disk lost its tail
+    with pytest.warns(UserWarning, match="step_6' is damaged: model.safetensors has"):
+        assert latest_checkpoint(run_dir).name == "step_3"
+
+
+# ---------------------------------------------------------------------------------------------
+# A write error while saving (the kernel refuses to grow a file past RLIMIT_FSIZE)
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys
+import accelvit.checkpoint as checkpoint
+import accelvit.train as train
+
+real_save, calls = checkpoint.save_checkpoint, []
+
+def save(accelerator, run_dir, state, *args, **kwargs):
+    calls.append(state.step)
+    if len(calls) == 2:  # from the second checkpoint on, no file may grow past 20 kB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+    return real_save(accelerator, run_dir, state, *args, **kwargs)
+
+train.save_checkpoint = save
+from accelvit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("policy", ["stop", "warn"])
+def test_a_failing_checkpoint_write_keeps_the_earlier_checkpoints(tmp_path, tiny_recipe, policy):
+    run_dir = tmp_path / "run"
+    args = ["pretrain", str(tiny_recipe), "-o", str(run_dir), "--set", f"train.on_save_error={policy}"]
+    proc = subprocess.run(
+        [sys.executable, "-c", DISK_FULL_SCRIPT, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_3"]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    expected = f"could not write checkpoint {run_dir / 'checkpoints' / 'step_6'}"
+    if policy == "stop":
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"accelvit: stopped: {expected}")
+        assert last.endswith(f"newest intact checkpoint: {run_dir / 'checkpoints' / 'step_3'}")
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stderr and "training goes on (train.on_save_error: warn)" in proc.stderr
+    # the surviving checkpoint resumes
+    cfg = load_config(run_dir / "recipe.yaml")
+    assert pretrain(cfg, run_dir, resume=True).step == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt image files
+
+
+def _folder_with_bad_files(root: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.jpg")
+    truncated = root / "train/a/0.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])  # a JPEG cut short
+    garbage = root / "train/b/3.jpg"
+    garbage.write_bytes(b"not an image at all")
+    return [truncated, garbage]
+
+
+def test_unreadable_images_are_skipped_and_reported(tmp_path, tiny_recipe, capsys):
+    bad = _folder_with_bad_files(tmp_path / "images")
+    cfg = load_config(
+        tiny_recipe,
+        ["data.dataset=imagefolder", f"data.root={tmp_path / 'images'}", "data.limit=null", "train.steps=6"],
+    )
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        pretrain(cfg, run_dir)
+    out = capsys.readouterr().out
+    # 6 steps x 8 = 48 reads of 12 images: each image 4 times
+    assert "skipped 8 reads of unreadable images, e.g. " in out
+    assert all(str(p) in out for p in bad)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["bad_files"] == 8
+
+
+def test_unreadable_image_is_an_error_when_asked(tmp_path, tiny_recipe):
+    _folder_with_bad_files(tmp_path / "images")
+    cfg = load_config(
+        tiny_recipe,
+        ["data.dataset=imagefolder", f"data.root={tmp_path / 'images'}", "data.on_bad_file=error"],
+    )
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    with pytest.raises(
+        ConfigError, match=r"^unreadable image .*images/train/./\d.jpg: .*data.on_bad_file: error"
+    ):
+        pretrain(cfg, run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume refuses what it cannot continue
+
+
+def test_resume_refuses_an_edited_model_or_objective(tmp_path, tiny_config, capsys):
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    recipe = run_dir / "recipe.yaml"
+    original = recipe.read_text()
+    recipe.write_text(
+        original.replace("depth: 2", "depth: 3").replace("temperature: 0.5", "temperature: 0.1")
+    )
+    before = sorted(p.name for p in list_checkpoints(run_dir))
+    capsys.readouterr()
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("accelvit: error: resume refused: the recipe changes model.depth (2 -> 3)")
+    assert "restore the recipe or start a new run" in err and "\n" not in err
+    assert sorted(p.name for p in list_checkpoints(run_dir)) == before
+    # a change that leaves model and objective alone (a longer run) resumes
+    recipe.write_text(original.replace("steps: 6", "steps: 7"))
+    assert main(["resume", str(run_dir)]) == 0
+
+
+def test_resume_refuses_a_checkpoint_of_another_major_version(tmp_path, tiny_config, capsys):
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    for checkpoint in list_checkpoints(run_dir):
+        identity = checkpoint / "identity.json"
+        text = identity.read_text()
+        version = json.loads(text)["accelvit"]
+        identity.write_text(text.replace(f'"{version}"', f'"9{version[1:]}"'))  # same size: manifest holds
+    capsys.readouterr()
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "was written by accelvit 9" in err and "(another major version)" in err
+
+
+def test_resume_of_a_checkpoint_that_does_not_exist(tmp_path, capsys):
+    assert main(["resume", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
