@@ -405,6 +405,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                 else ""
             ),
         )
+        _require(
+            any(path.is_file() for path in Path(d.root).rglob("*")),
+            "data.root",
+            d.root,
+            "the dataset folder holds no files",
+        )
 
     from accelvit.objectives import OBJECTIVES  # deferred: objectives import torch
 

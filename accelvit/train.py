@@ -108,6 +108,11 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     backbone = build_backbone(cfg.model)
     shape = vit_shape(backbone, image_size)
     model = objective.build(cfg.objective, backbone, cfg.schedule.dropout_views)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        # batch norm in the heads over the global batch, as SimCLR and MoCo-v3 do. (torch syncs it on
+        # GPUs only: on CPU each process normalises its own batch; DDP broadcasts rank 0's running
+        # statistics at every forward.)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
 

@@ -1,0 +1,119 @@
+"""Bad input at the command line: one line naming what is wrong, exit code 2, nothing written.
+
+Each case's message is also in the README's bad-input table, so the table and the tests agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from accelvit.checkpoint import create_run_dir
+from accelvit.cli import main
+from accelvit.config import load_config
+from accelvit.train import pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pretrain(tmp, recipe, *sets):
+    return ["pretrain", str(recipe), "-o", str(tmp / "out"), *[a for s in sets for a in ("--set", s)]]
+
+
+def _malformed(tmp, recipe):
+    bad = tmp / "bad.yaml"
+    bad.write_text("model:\n  arch: vit_tiny\n   depth: 3\n")
+    return ["pretrain", str(bad), "-o", str(tmp / "out")]
+
+
+def _empty_folder(tmp, recipe):
+    (tmp / "empty/train").mkdir(parents=True)
+    return _pretrain(tmp, recipe, "data.dataset=imagefolder", f"data.root={tmp / 'empty'}")
+
+
+def _existing_run(tmp, recipe):
+    create_run_dir(tmp / "run", load_config(recipe))
+    return ["pretrain", str(recipe), "-o", str(tmp / "run")]
+
+
+def _old_report(tmp, recipe):
+    (tmp / "old.json").write_text(json.dumps({"schema": "accelvit.grad-error/0", "strategies": []}))
+    return ["compare", str(tmp / "old.json")]
+
+
+def _missing_checkpoint(tmp, recipe):
+    cfg = load_config(recipe)
+    create_run_dir(tmp / "run", cfg)
+    pretrain(cfg, tmp / "run")
+    return ["export", str(tmp / "run"), "--checkpoint", "step_99", "-o", str(tmp / "out.safetensors")]
+
+
+# (case, argv builder, message as in the README)
+CASES = [
+    ("malformed YAML", _malformed, "bad.yaml: line 3, column 9: malformed YAML"),
+    (
+        "unknown section",
+        lambda t, r: _pretrain(t, r, "trian.steps=3"),
+        "unknown key 'trian' (did you mean 'train'?)",
+    ),
+    (
+        "misspelled key",
+        lambda t, r: _pretrain(t, r, "train.stpes=3"),
+        "unknown key 'train.stpes' (did you mean 'train.steps'?)",
+    ),
+    (
+        "wrong type",
+        lambda t, r: _pretrain(t, r, "train.steps=ten"),
+        "train.steps = 'ten': expected an integer",
+    ),
+    ("out of range", lambda t, r: _pretrain(t, r, "optim.lr=-1"), "optim.lr = -1.0: must be positive"),
+    (
+        "keep outside (0, 1]",
+        lambda t, r: _pretrain(t, r, "schedule.keep.end=1.5"),
+        "schedule.keep.end = 1.5: keep ratio must be in (0, 1]",
+    ),
+    (
+        "patch size that does not fit",
+        lambda t, r: _pretrain(t, r, "schedule.patch=6"),
+        "schedule.patch.start = 6.0: patch size must be one of [4, 8, 16]",
+    ),
+    (
+        "steps and budget both set",
+        lambda t, r: _pretrain(t, r, "train.budget=1000"),
+        "train.steps = 6: give exactly one of train.steps and train.budget",
+    ),
+    (
+        "missing dataset folder",
+        lambda t, r: _pretrain(t, r, "data.dataset=imagefolder", "data.root=/nonexistent/images"),
+        "data.root = '/nonexistent/images': dataset folder does not exist",
+    ),
+    ("empty dataset folder", _empty_folder, "the dataset folder holds no files"),
+    ("run directory holding a run", _existing_run, "already holds a run: continue it with `accelvit resume"),
+    ("report of another schema", _old_report, "report schema 'accelvit.grad-error/0', this accelvit reads"),
+    ("checkpoint that does not exist", _missing_checkpoint, "does not exist or is incomplete"),
+    ("resume of a folder that is no run", lambda t, r: ["resume", str(t)], "is not a run directory"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, tiny_recipe, capsys, case, argv, message):
+    args = argv(tmp_path, tiny_recipe)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("accelvit: error: "), err
+    assert message in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_the_readme_table_lists_every_case():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("### Bad input") :]
+    for case, _, message in CASES:
+        row = re.search(rf"^\| {re.escape(case)} \|.*$", table, re.M)
+        assert row, f"README bad-input table has no row for {case!r}"
+        assert re.sub(r"\\\|", "|", message.replace("`", "")) in row.group(0).replace("`", ""), case

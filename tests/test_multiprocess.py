@@ -1,0 +1,125 @@
+"""A real 2-process CPU pretraining run (torchrun, gloo) against a 1-process run of the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The CLI, plus: at each checkpoint every rank also dumps its own weights, to compare the ranks.
+HARNESS = """
+import sys, torch
+import accelvit.train as train
+
+real_save = train.save_checkpoint
+
+def save(accelerator, run_dir, state, *args, **kwargs):
+    path = real_save(accelerator, run_dir, state, *args, **kwargs)
+    model = accelerator.unwrap_model(accelerator._models[0])
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.save(params, run_dir / f"rank{accelerator.process_index}_step{state.step}.pt")
+    return path
+
+train.save_checkpoint = save
+from accelvit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def launch(tmp_path: Path, processes: int, *args: str) -> None:
+    harness = tmp_path / "harness.py"
+    harness.write_text(HARNESS)
+    if processes == 1:
+        command = [sys.executable, str(harness)]
+    else:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", "29533", str(harness),
+        ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+SCHEDULE_KEYS = ("step", "progress", "lr", "keep", "patch", "tokens", "budget_spent")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The tiny recipe for 6 steps: 2 processes x 4 images, and 1 process x 8 images."""
+    from tests.conftest import TINY, write_recipe
+
+    tmp = tmp_path_factory.mktemp("mp")
+    recipe = write_recipe(tmp / "tiny.yaml", TINY)
+    two, one = tmp / "two", tmp / "one"
+    launch(tmp, 2, "pretrain", str(recipe), "-o", str(two), "--set", "train.batch_size=4")
+    launch(tmp, 1, "pretrain", str(recipe), "-o", str(one), "--set", "train.batch_size=8")
+    return tmp, recipe, two, one
+
+
+def test_both_ranks_hold_identical_weights(runs):
+    # parameters; the heads' batch-norm statistics are per process on CPU (see train.py)
+    _, _, two, _ = runs
+    for step in (3, 6):
+        rank0 = torch.load(two / f"rank0_step{step}.pt")
+        rank1 = torch.load(two / f"rank1_step{step}.pt")
+        assert rank0.keys() == rank1.keys()
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = load_file(str(two / "checkpoints/step_6/model.safetensors"))
+    assert all(torch.equal(saved[k], rank0[k]) for k in rank0)
+
+
+def test_global_batch_and_schedules_match_the_one_process_run(runs):
+    _, _, two, one = runs
+    state_two = json.loads((two / "checkpoints/step_6/trainer_state.json").read_text())
+    state_one = json.loads((one / "checkpoints/step_6/trainer_state.json").read_text())
+    assert state_two["images_seen"] == 6 * 2 * 4 == state_one["images_seen"]
+    # learning rate, compression setting and budget advance once per step, not once per process
+    a, b = records(two), records(one)
+    assert [[r[k] for k in SCHEDULE_KEYS] for r in a] == [[r[k] for k in SCHEDULE_KEYS] for r in b]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in a)
+
+
+def test_checkpoints_are_written_once_and_resume_with_two_or_one_process(runs):
+    tmp, _, two, _ = runs
+    checkpoint = two / "checkpoints/step_6"
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert files.count("model.safetensors") == 1
+    # one RNG state per process, everything else once
+    assert [f for f in files if f.startswith("random_states")] == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert [r["step"] for r in records(two)] == [1, 2, 3, 4, 5, 6]  # only rank 0 logs
+
+    # resume with 2 processes: bit for bit the uninterrupted run
+    resumed = tmp / "resumed2"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints/step_6")
+    launch(tmp, 2, "resume", str(resumed))
+    assert [(r["step"], r["loss"]) for r in records(resumed)] == [
+        (r["step"], r["loss"]) for r in records(two)
+    ]
+    a = load_file(str(resumed / "checkpoints/step_6/model.safetensors"))
+    assert all(torch.equal(a[k], v) for k, v in load_file(str(checkpoint / "model.safetensors")).items())
+
+    # resume with 1 process (the recipe says 4 images per process, so its global batch is 4)
+    single = tmp / "resumed1"
+    shutil.copytree(two, single)
+    shutil.rmtree(single / "checkpoints/step_6")
+    launch(tmp, 1, "resume", str(single))
+    state = json.loads((single / "checkpoints/step_6/trainer_state.json").read_text())
+    assert state["step"] == 6 and state["images_seen"] == 3 * 8 + 3 * 4
