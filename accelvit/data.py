@@ -94,8 +94,11 @@ def image_folder(cfg: DataConfig, train: bool) -> Dataset:
         raise ConfigError(f"data.root = '{folder}': {exc}") from None
 
 
-class BadImageError(Exception):
-    """An image file that cannot be decoded; `str()` is 'PATH: reason'."""
+class BadImageError(ConfigError):
+    """An image file that cannot be decoded; `str()` is 'PATH: reason'.
+
+    Training skips such files (`data.on_bad_file`); evaluation stops with this one-line error.
+    """
 
 
 def open_rgb(path: str) -> Image.Image:
