@@ -79,6 +79,37 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def train_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    setting: Setting,
+    progress: float,
+    clip_grad: float | None,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Forward, backward, and, when loss and gradients are finite on every process, the optimizer step
+    and momentum update. Returns (loss, gradient norm, finite); a step that is not finite leaves
+    weights and buffers as they were."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    loss = model(views, setting, progress)
+    accelerator.backward(loss)
+    grad_norm = _grad_norm(accelerator, model, clip_grad)
+    # fp16: gradient overflow is the loss scaler's business (it skips the step itself)
+    finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16"))
+    finite = not any_process(accelerator, not bool(finite))
+    if finite:
+        optimizer.step()
+        accelerator.unwrap_model(model).update_momentum(progress)
+    else:
+        with torch.no_grad():  # the forward put NaN into batch-norm statistics (DINO: its centre)
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, finite
+
+
 class StopRequest:
     """Turns SIGTERM and Ctrl-C into a flag the loop checks after each step."""
 
@@ -200,22 +231,12 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                 group["lr"] = lr
 
             # Forward, backward, step, momentum; a non-finite loss or gradient skips the step or stops
-            buffers = {k: v.clone() for k, v in model.named_buffers()}
-            loss = model(views, setting, progress)
-            accelerator.backward(loss)
-            grad_norm = _grad_norm(accelerator, model, cfg.optim.clip_grad)
-            # fp16: gradient overflow is the loss scaler's business (it skips the step itself)
-            finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (train.precision == "fp16"))
-            finite = not any_process(accelerator, not bool(finite))
+            loss, grad_norm, finite = train_step(
+                accelerator, model, optimizer, views, setting, progress, cfg.optim.clip_grad, train.precision
+            )
             if finite:
-                optimizer.step()
-                accelerator.unwrap_model(model).update_momentum(progress)
                 state.skipped_in_row = 0
-            optimizer.zero_grad(set_to_none=True)
-            if not finite:
-                with torch.no_grad():  # the forward put NaN into batch-norm statistics (DINO: its centre)
-                    for k, v in model.named_buffers():
-                        v.copy_(buffers[k])
+            else:
                 state.skipped += 1
                 state.skipped_in_row += 1
                 if train.on_nonfinite == "stop" or state.skipped_in_row >= train.max_skipped:

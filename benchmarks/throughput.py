@@ -1,19 +1,23 @@
 """Training-step throughput across compression settings, against the analytic FLOPs limit.
 
-For each (keep, patch) it times a full SimCLR training step (both views, loss, backward, AdamW)
-on one fixed batch, reports the median over repeated steps after warm-up, the speedup over the
-uncompressed step, the ideal speedup from FLOPs and the efficiency (speedup / ideal). Settings are
-timed interleaved, round after round, so machine noise hits them alike.
+For each (keep, patch) it times a full training step of the objective (all views, loss, backward,
+AdamW, momentum update) on one fixed batch of real views, reports the median over repeated steps
+after warm-up, the speedup over the uncompressed step, the ideal speedup from the cost model (all
+encoder passes, `budget.step_flops_cost`) and the efficiency (speedup / ideal). Settings are timed
+interleaved, round after round, so machine noise hits them alike.
 
-    python -m benchmarks.throughput                 # ViT-Tiny, 64 px, base patch 8 (CPU-sized)
-    python -m benchmarks.throughput --smoke         # seconds; checks the script runs
+`data_s` is the time the data loader (with `--workers`) takes to deliver one batch of views: where
+it exceeds a setting's `step_s`, view generation, not the ViT, sets the pace of that setting.
+
+    python -m benchmarks.throughput                          # ViT-Tiny, 64 px, base patch 8 (CPU)
+    python -m benchmarks.throughput --arch vit_small_patch16_224 --image-size 224 --patch 16 \\
+        --batch 128 --precision bf16 --grid 1.0:16,0.5:16,0.25:16,1.0:32,0.5:32   # GPU
+    python -m benchmarks.throughput --smoke                  # seconds; checks the script runs
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -21,27 +25,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from accelvit.backbone import build_backbone, vit_shape  # noqa: E402
-from accelvit.budget import relative_cost, tokens_per_view  # noqa: E402
-from accelvit.config import ModelConfig, ObjectiveConfig, OptimConfig  # noqa: E402
-from accelvit.objectives import OBJECTIVES  # noqa: E402
-from accelvit.schedule import Setting  # noqa: E402
-from accelvit.train import build_optimizer  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
+from benchmarks.common import device, synchronize, write_result  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--objective", default="simclr", choices=["simclr", "mocov3", "dino"])
     p.add_argument("--arch", default="vit_tiny_patch16_224")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=8, help="base patch size")
-    p.add_argument("--batch", type=int, default=64, help="images per step (two views each)")
-    p.add_argument(
-        "--grid", default="1.0:8,0.5:8,0.25:8,1.0:16,0.5:16", help="comma-separated keep:patch settings"
-    )
+    p.add_argument("--batch", type=int, default=64, help="images per step")
+    p.add_argument("--grid", default="1.0:8,0.5:8,0.25:8,1.0:16,0.5:16", help="keep:patch settings")
+    p.add_argument("--workers", type=int, default=2, help="data-loader workers for data_s")
+    p.add_argument("--precision", default="no", choices=["no", "bf16"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny model and grid, one round")
@@ -49,34 +46,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def views_and_data_time(cfg, batch: int, workers: int, batches: int) -> tuple[list[torch.Tensor], float]:
+    """One batch of the objective's views of real images, and the loader's median time per batch."""
+    from accelvit.data import StepBatchSampler, build_loader, load_dataset
+    from accelvit.objectives import OBJECTIVES
+
+    images = load_dataset(cfg.data)
+    transform = OBJECTIVES[cfg.objective.name].transform(cfg.objective, cfg.model, cfg.data)
+    sampler = StepBatchSampler(len(images), batch, 0, 0, batches + 1)
+    loader = iter(build_loader(images, transform, workers, sampler))
+    views, _, _ = next(loader)  # workers start up
+    times = []
+    for _ in range(batches):
+        tick = time.perf_counter()
+        next(loader)
+        times.append(time.perf_counter() - tick)
+    return views, statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    from accelvit.backbone import build_backbone, vit_shape
+    from accelvit.budget import flops_cost_fn, tokens_per_view
+    from accelvit.config import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig
+    from accelvit.objectives import OBJECTIVES
+    from accelvit.schedule import Setting, parse_strategies
+    from accelvit.train import build_optimizer
+
     args = parse_args(argv)
     model_cfg = ModelConfig(arch=args.arch, image_size=args.image_size, patch_size=args.patch)
     if args.smoke:
         model_cfg = ModelConfig(
             arch=args.arch, image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2
         )
-        args.batch, args.grid, args.warmup, args.rounds = 8, "1.0:4,0.5:4,1.0:8", 1, 1
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        args.batch, args.grid, args.warmup, args.rounds, args.workers = 8, "1.0:4,0.5:4,1.0:8", 1, 1, 0
+    fmnist = DataConfig().root
+    data = DataConfig(workers=args.workers) if _has_fashion_mnist(fmnist) else DataConfig(dataset="synthetic")
+    cfg = Config(model=model_cfg, data=data, objective=ObjectiveConfig(name=args.objective))
+    dev = device()
     torch.manual_seed(0)
     backbone = build_backbone(model_cfg)
     shape = vit_shape(backbone, model_cfg.image_size)
-    model = OBJECTIVES["simclr"].build(ObjectiveConfig(), backbone, "query").to(device)
+    objective = OBJECTIVES[args.objective]
+    model = objective.build(cfg.objective, backbone, "query").to(dev)
     optimizer = build_optimizer(model, OptimConfig())
-    size = model_cfg.image_size
-    views = [torch.randn(args.batch, 3, size, size, device=device) for _ in range(2)]
-    settings = [Setting(float(k), int(p)) for k, p in (s.split(":") for s in args.grid.split(","))]
+    views, data_s = views_and_data_time(cfg, args.batch, args.workers, max(args.rounds, 3))
+    views = [v.to(dev) for v in views]
+    settings = parse_strategies(args.grid)
+    cost = flops_cost_fn(shape, objective.branches(cfg.objective, model_cfg, "query"), model_cfg.patch_size)
 
     def step(setting: Setting) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
-        loss = model(views, setting, 0.0)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(views, setting, 0.0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        model.update_momentum(0.0)
+        synchronize()
         return time.perf_counter() - start
 
     for setting in settings:
@@ -92,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for setting in settings:
         median = statistics.median(times[setting])
-        ideal = 1 / relative_cost(shape, setting, model_cfg.patch_size)
+        ideal = cost(full) / cost(setting)
         speedup = base_time / median
         rows.append(
             {
@@ -100,39 +127,42 @@ def main(argv: list[str] | None = None) -> dict:
                 "patch": setting.patch,
                 "tokens": tokens_per_view(shape, setting),
                 "step_s": median,
+                "data_s": data_s,
                 "speedup": speedup,
                 "ideal": ideal,
                 "efficiency": speedup / ideal,
             }
         )
-
-    print(f"{'keep':>5} {'patch':>5} {'tokens':>6} {'step_s':>8} {'speedup':>8} {'ideal':>6} {'eff':>5}")
-    for r in rows:
-        print(
-            f"{r['keep']:5.2f} {r['patch']:5d} {r['tokens']:6d} {r['step_s']:8.4f} "
-            f"{r['speedup']:8.2f} {r['ideal']:6.2f} {r['efficiency']:5.2f}"
-        )
-    import lightly
-    import timm
-
+    print(format_table(rows))
     result = {
-        "benchmark": "throughput",
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "lightly": lightly.__version__},
         "model": model_cfg.__dict__,
-        "objective": "simclr",
+        "objective": args.objective,
+        "data": data.dataset,
+        "workers": args.workers,
+        "precision": args.precision,
         "batch": args.batch,
         "rounds": args.rounds,
         "rows": rows,
     }
-    out = Path(args.output) if args.output else RESULTS / f"throughput-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    return result
+    name = "throughput" if args.objective == "simclr" else f"throughput-{args.objective}"
+    return write_result(name, result, args.output)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'keep':>5} {'patch':>5} {'tokens':>6} {'step_s':>8} {'data_s':>8} {'speedup':>8} "
+        f"{'ideal':>6} {'eff':>5}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['keep']:5.2f} {r['patch']:5d} {r['tokens']:6d} {r['step_s']:8.4f} {r['data_s']:8.4f} "
+            f"{r['speedup']:8.2f} {r['ideal']:6.2f} {r['efficiency']:5.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _has_fashion_mnist(root: str) -> bool:
+    return (Path(root) / "train-images-idx3-ubyte.gz").is_file()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,85 @@
+"""Each benchmark runs on a tiny setting (--smoke) and writes well-formed JSON. No timing is asserted."""
+
 from __future__ import annotations
 
 import json
 
-from benchmarks import throughput
+from benchmarks import grad_error_cost, overhead, throughput, time_to_accuracy
+
+ENVIRONMENT = {"benchmark", "device", "threads", "versions"}
 
 
-def test_throughput_smoke_writes_well_formed_json(tmp_path):
+def written(path, result) -> dict:
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert ENVIRONMENT <= set(on_disk)
+    assert set(on_disk["versions"]) == {"torch", "timm", "lightly"}
+    return on_disk
+
+
+def test_throughput_smoke(tmp_path):
     out = tmp_path / "throughput.json"
-    result = throughput.main(["--smoke", "-o", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert {"device", "versions", "model", "batch", "rows"} <= set(result)
+    result = written(out, throughput.main(["--smoke", "-o", str(out)]))
+    assert {"model", "batch", "rows", "objective", "workers"} <= set(result)
     rows = {(r["keep"], r["patch"]): r for r in result["rows"]}
     assert set(rows) == {(1.0, 4), (0.5, 4), (1.0, 8)}
     assert rows[(1.0, 4)]["speedup"] == 1.0 and rows[(1.0, 4)]["ideal"] == 1.0
     assert rows[(0.5, 4)]["tokens"] == 9 and rows[(1.0, 8)]["tokens"] == 5
-    assert all(r["step_s"] > 0 and r["ideal"] >= 1.0 for r in rows.values())
+    assert all(r["step_s"] > 0 and r["data_s"] > 0 and r["ideal"] >= 1.0 for r in rows.values())
+
+
+def test_throughput_smoke_of_a_momentum_objective(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = written(out, throughput.main(["--smoke", "--objective", "mocov3", "-o", str(out)]))
+    full, half = result["rows"][0], result["rows"][1]
+    # the key encoder keeps its tokens: the ideal speedup of keep 0.5 is below the backbone's
+    assert result["objective"] == "mocov3" and 1.0 < half["ideal"] < 17 / 9
+    assert full["efficiency"] == 1.0
+
+
+def test_overhead_smoke(tmp_path):
+    out = tmp_path / "overhead.json"
+    result = written(out, overhead.main(["--smoke", "-o", str(out)]))
+    assert [r["step"] for r in result["rows"]] == ["accelvit", "lightly"]
+    assert result["ratio"] == result["rows"][0]["step_s"] / result["rows"][1]["step_s"]
+
+
+def test_grad_error_cost_smoke(tmp_path):
+    out = tmp_path / "gec.json"
+    result = written(out, grad_error_cost.main(["--smoke", "-o", str(out)]))
+    assert [r["processes"] for r in result["rows"]] == [1, 2]
+    assert all(r["batches"] == 2 and r["estimator_s"] > 0 for r in result["rows"])
+
+
+def test_time_to_accuracy_smoke(tmp_path):
+    out = tmp_path / "tta.json"
+    result = written(out, time_to_accuracy.main(["--smoke", "--objectives", "simclr", "-o", str(out)]))
+    rows = result["rows"]
+    assert [(r["recipe"], r["budget"]) for r in rows] == [
+        ("baseline", rows[0]["budget"]),
+        ("accel", rows[0]["budget"]),
+        ("baseline", 2 * rows[0]["budget"]),
+        ("accel", 2 * rows[0]["budget"]),
+    ]
+    assert all(0 <= r["knn_top1"] <= 1 and r["steps"] > 0 for r in rows)
+    # same budget, cheaper steps: the accelerated run takes more of them
+    assert rows[1]["steps"] > rows[0]["steps"]
+    assert set(result["speedup"]["simclr"]) >= {"target", "reached"}
+
+
+def test_speedup_is_the_smallest_accelerated_budget_reaching_the_baseline():
+    rows = [
+        {"recipe": "baseline", "budget": 1, "knn_top1": 0.5, "wall_s": 10},
+        {"recipe": "baseline", "budget": 4, "knn_top1": 0.7, "wall_s": 40},
+        {"recipe": "accel", "budget": 1, "knn_top1": 0.6, "wall_s": 12},
+        {"recipe": "accel", "budget": 2, "knn_top1": 0.71, "wall_s": 22},
+        {"recipe": "accel", "budget": 4, "knn_top1": 0.75, "wall_s": 44},
+    ]
+    assert time_to_accuracy.speedup(rows) == {
+        "target": 0.7,
+        "reached": True,
+        "budget_ratio": 2.0,
+        "wall_ratio": 40 / 22,
+    }
+    rows[3]["knn_top1"] = rows[4]["knn_top1"] = 0.65
+    assert time_to_accuracy.speedup(rows) == {"target": 0.7, "reached": False, "best_accel": 0.65}

@@ -1,0 +1,46 @@
+"""What every benchmark records: the device, library versions, and where the JSON goes."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment() -> dict:
+    import lightly
+    import timm
+
+    dev = device()
+    name = (
+        torch.cuda.get_device_name() if dev.type == "cuda" else (platform.processor() or platform.machine())
+    )
+    return {
+        "device": f"{dev.type}: {name}",
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "lightly": lightly.__version__},
+    }
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def write_result(name: str, result: dict, output: str | None) -> dict:
+    """Add the environment, write JSON to `output` (or benchmarks/results/NAME-DEVICE.json), return it."""
+    out = Path(output) if output else RESULTS / f"{name}-{device().type}.json"
+    full = {"benchmark": name, **environment(), **result}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(full, indent=1) + "\n")
+    print(f"wrote {out}")
+    return full

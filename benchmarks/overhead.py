@@ -1,0 +1,146 @@
+"""accelvit's training step at keep 1 and the base patch against a plain lightly + timm SimCLR step.
+
+The plain step is written here the way lightly's own SimCLR example writes it (timm ViT,
+`SimCLRProjectionHead`, `NTXentLoss`, AdamW). accelvit's step is `train.train_step`, the loop's own
+(resampled-kernel patch embedding, finiteness check, buffer snapshot), through an `Accelerator`. Both
+start from the same weights and take the same batch; steps alternate, and the ratio of the medians
+is reported (target <= 1.03), with peak memory on a GPU.
+
+    python -m benchmarks.overhead            # ViT-Tiny, 64 px, patch 8, batch 64 (CPU)
+    python -m benchmarks.overhead --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
+from benchmarks.common import device, synchronize, write_result  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="vit_tiny_patch16_224")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("-o", "--output", default=None)
+    return p.parse_args(argv)
+
+
+def plain_lightly_step(vit, head, criterion, optimizer, x0, x1) -> None:
+    z0 = head(vit(x0))
+    z1 = head(vit(x1))
+    loss = criterion(z0, z1)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import copy
+
+    import timm
+    from accelerate import Accelerator
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    from accelvit.backbone import build_backbone
+    from accelvit.config import ModelConfig, ObjectiveConfig, OptimConfig
+    from accelvit.objectives import OBJECTIVES
+    from accelvit.schedule import Setting
+    from accelvit.train import build_optimizer, train_step
+
+    args = parse_args(argv)
+    extra = {}
+    if args.smoke:
+        args.image_size, args.patch, args.batch, args.warmup, args.rounds = 16, 4, 8, 1, 2
+        extra = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+    dev = device()
+    model_cfg = ModelConfig(arch=args.arch, image_size=args.image_size, patch_size=args.patch, **extra)
+    objective_cfg = ObjectiveConfig()
+
+    # accelvit
+    accelerator = Accelerator(cpu=dev.type == "cpu")
+    torch.manual_seed(0)
+    model = OBJECTIVES["simclr"].build(objective_cfg, build_backbone(model_cfg), "query")
+    initial = copy.deepcopy(model.state_dict())
+    optimizer = build_optimizer(model, OptimConfig())
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # plain lightly + timm, same weights
+    vit = timm.create_model(
+        args.arch, num_classes=0, img_size=args.image_size, patch_size=args.patch, **extra
+    ).to(dev)
+    head = SimCLRProjectionHead(vit.num_features, objective_cfg.hidden_dim, objective_cfg.out_dim).to(dev)
+    vit.load_state_dict(
+        {k.removeprefix("backbone."): v for k, v in initial.items() if k.startswith("backbone.")}
+    )
+    head.load_state_dict({k.removeprefix("head."): v for k, v in initial.items() if k.startswith("head.")})
+    criterion = NTXentLoss(temperature=objective_cfg.temperature)
+    plain_optimizer = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=1e-3)
+
+    x0, x1 = (torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev) for _ in range(2))
+    setting = Setting(1.0, args.patch)
+
+    def ours() -> None:
+        train_step(accelerator, model, optimizer, [x0, x1], setting, 0.5, None, "no")
+
+    def plain() -> None:
+        plain_lightly_step(vit, head, criterion, plain_optimizer, x0, x1)
+
+    def timed(fn) -> tuple[float, int | None]:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        synchronize()
+        tick = time.perf_counter()
+        fn()
+        synchronize()
+        seconds = time.perf_counter() - tick
+        return seconds, torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+
+    for _ in range(args.warmup):
+        ours()
+        plain()
+    samples: dict[str, list[tuple[float, int | None]]] = {"accelvit": [], "lightly": []}
+    for _ in range(args.rounds):
+        samples["accelvit"].append(timed(ours))
+        samples["lightly"].append(timed(plain))
+    rows = []
+    for name, values in samples.items():
+        memory = [m for _, m in values if m is not None]
+        rows.append(
+            {
+                "step": name,
+                "step_s": statistics.median(t for t, _ in values),
+                "peak_memory_mib": max(memory) / 2**20 if memory else None,
+            }
+        )
+    ratio = rows[0]["step_s"] / rows[1]["step_s"]
+    print(f"{'step':>9} {'step_s':>8} {'peak MiB':>9}")
+    for r in rows:
+        mem = f"{r['peak_memory_mib']:9.1f}" if r["peak_memory_mib"] is not None else f"{'-':>9}"
+        print(f"{r['step']:>9} {r['step_s']:8.4f} {mem}")
+    print(f"accelvit / lightly: {ratio:.3f} (target <= 1.03)")
+    result = {
+        "model": model_cfg.__dict__,
+        "objective": "simclr",
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "rows": rows,
+        "ratio": ratio,
+    }
+    return write_result("overhead", result, args.output)
+
+
+if __name__ == "__main__":
+    main()

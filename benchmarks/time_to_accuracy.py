@@ -1,0 +1,177 @@
+"""Time to accuracy on Fashion-MNIST: baseline against accelerated recipe at the same budgets.
+
+For SimCLR, MoCo-v3 and DINO it trains `recipes/OBJ-fmnist-baseline.yaml` and
+`recipes/OBJ-fmnist-accel.yaml` for budgets B, 2B, 4B, 8B (B: `--base-steps` uncompressed steps),
+evaluates each run's kNN top-1 and reports the speedup: the smallest accelerated budget whose
+accuracy reaches the baseline's at the largest budget, as a budget ratio and as a wall-clock ratio
+(the reference's ImageNet figures: 4x MoCo-v3, 3.3x SimCLR, 2.5x DINO).
+
+    python -m benchmarks.time_to_accuracy            # recipe-sized models, under an hour on 2 CPU cores
+    python -m benchmarks.time_to_accuracy --quick    # a 4-block ViT, smaller budgets: ~10 minutes
+    python -m benchmarks.time_to_accuracy --smoke    # synthetic data, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
+from benchmarks.common import REPO, write_result  # noqa: E402
+
+QUICK = ["model.depth=4", "train.batch_size=64", "eval.train_limit=5000", "eval.test_limit=1000"]
+SMOKE = [
+    "data.dataset=synthetic",
+    "data.limit=64",
+    "data.workers=0",
+    "model.image_size=16",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "train.batch_size=8",
+    "eval.train_limit=64",
+    "eval.test_limit=32",
+    "objective.local_crops=0",
+    "objective.hidden_dim=32",
+    "objective.bottleneck_dim=16",
+    "objective.out_dim=32",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--objectives", default="simclr,mocov3,dino")
+    p.add_argument("--base-steps", type=int, default=75, help="B, in uncompressed steps")
+    p.add_argument("--budgets", type=int, default=4, help="how many doublings of B")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("-o", "--output", default=None)
+    return p.parse_args(argv)
+
+
+def train_and_eval(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
+    """One budgeted run, its kNN top-1 and wall time (training only)."""
+    from accelvit.checkpoint import create_run_dir
+    from accelvit.config import load_config
+    from accelvit.evaluate import evaluate_run
+    from accelvit.train import pretrain
+
+    cfg = load_config(recipe, overrides)
+    create_run_dir(run_dir, cfg)
+    tick = time.perf_counter()
+    result = pretrain(cfg, run_dir)
+    wall = time.perf_counter() - tick
+    return {"steps": result.step, "wall_s": wall, "knn_top1": evaluate_run(run_dir)["knn_top1"]}
+
+
+def full_step_units(recipe: Path, overrides: list[str]) -> float:
+    """Budget units of one uncompressed step of `recipe` (per image x batch)."""
+    import torch
+
+    from accelvit.backbone import build_backbone, vit_shape
+    from accelvit.budget import flops_cost_fn
+    from accelvit.config import load_config
+    from accelvit.objectives import OBJECTIVES
+    from accelvit.schedule import Setting
+
+    cfg = load_config(recipe, [*overrides, "train.budget=1"], check_paths=False)
+    with torch.device("meta"):
+        shape = vit_shape(build_backbone(cfg.model), cfg.model.image_size)
+    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
+    cost = flops_cost_fn(shape, branches, cfg.model.patch_size)
+    return cost(Setting(1.0, cfg.model.patch_size)) * cfg.train.batch_size
+
+
+def speedup(rows: list[dict]) -> dict:
+    """Smallest accelerated budget reaching the baseline's accuracy at its largest budget."""
+    baseline = {r["budget"]: r for r in rows if r["recipe"] == "baseline"}
+    accel = sorted((r for r in rows if r["recipe"] == "accel"), key=lambda r: r["budget"])
+    top = baseline[max(baseline)]
+    reached = next((r for r in accel if r["knn_top1"] >= top["knn_top1"]), None)
+    if reached is None:
+        best = max(accel, key=lambda r: r["knn_top1"])
+        return {"target": top["knn_top1"], "reached": False, "best_accel": best["knn_top1"]}
+    return {
+        "target": top["knn_top1"],
+        "reached": True,
+        "budget_ratio": top["budget"] / reached["budget"],
+        "wall_ratio": top["wall_s"] / reached["wall_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    common = [
+        "train.steps=null",
+        "train.eval_every=null",
+        "train.checkpoint_every=1000000",
+        "train.log_every=10",
+    ]
+    if args.quick:
+        common += QUICK
+        args.base_steps = min(args.base_steps, 15)
+    if args.smoke:
+        common += SMOKE
+        args.base_steps, args.budgets = 2, 2
+    objectives = args.objectives.split(",")
+    rows, summary = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in objectives:
+            unit = full_step_units(REPO / f"recipes/{name}-fmnist-baseline.yaml", common)
+            for i in range(args.budgets):
+                budget = args.base_steps * 2**i * unit
+                for kind in ("baseline", "accel"):
+                    recipe = REPO / f"recipes/{name}-fmnist-{kind}.yaml"
+                    run = train_and_eval(
+                        recipe, [*common, f"train.budget={budget}"], Path(tmp) / f"{name}-{kind}-{i}"
+                    )
+                    rows.append({"objective": name, "recipe": kind, "budget": budget, **run})
+                    print(
+                        f"{name:>7} {kind:>8} budget {budget:10.4g} ({run['steps']:5d} steps, "
+                        f"{run['wall_s']:6.1f} s): kNN top-1 {run['knn_top1']:.4f}",
+                        flush=True,
+                    )
+            summary[name] = speedup([r for r in rows if r["objective"] == name])
+    print(format_table(rows, summary))
+    result = {
+        "dataset": "synthetic" if args.smoke else "fashion-mnist",
+        "size": "smoke" if args.smoke else ("quick" if args.quick else "full"),
+        "overrides": common,
+        "base_steps": args.base_steps,
+        "rows": rows,
+        "speedup": summary,
+    }
+    return write_result("time_to_accuracy" + ("-quick" if args.quick else ""), result, args.output)
+
+
+def format_table(rows: list[dict], summary: dict) -> str:
+    lines = [
+        "| objective | budget | baseline kNN | accel kNN | baseline s | accel s |",
+        "|---|---|---|---|---|---|",
+    ]
+    pairs: dict[tuple, dict] = {}
+    for r in rows:
+        pairs.setdefault((r["objective"], r["budget"]), {})[r["recipe"]] = r
+    for (name, budget), pair in pairs.items():
+        b, a = pair["baseline"], pair["accel"]
+        lines.append(
+            f"| {name} | {budget:.4g} | {b['knn_top1']:.4f} | {a['knn_top1']:.4f} "
+            f"| {b['wall_s']:.0f} | {a['wall_s']:.0f} |"
+        )
+    lines.append("")
+    for name, s in summary.items():
+        if s["reached"]:
+            lines.append(
+                f"{name}: accelerated reaches {s['target']:.4f} with {s['budget_ratio']:.2f}x less budget, "
+                f"{s['wall_ratio']:.2f}x less wall-clock time"
+            )
+        else:
+            lines.append(f"{name}: accelerated does not reach {s['target']:.4f} (best {s['best_accel']:.4f})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
