@@ -11,6 +11,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
+SMOKE_RECIPE = [  # --set overrides that turn a recipe into a seconds-long run on synthetic images
+    "data.dataset=synthetic",
+    "data.limit=64",
+    "data.workers=0",
+    "model.image_size=16",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "train.batch_size=8",
+]
+
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

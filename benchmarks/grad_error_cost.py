@@ -20,19 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import REPO, write_result  # noqa: E402
+from benchmarks.common import REPO, SMOKE_RECIPE, write_result  # noqa: E402
 
 STRATEGIES = "0.5:4,0.25:4,1.0:8,0.5:8,0.25:8,1.0:16"
-SMOKE = [
-    "data.dataset=synthetic",
-    "data.limit=64",
-    "data.workers=0",
-    "model.image_size=16",
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "train.batch_size=8",
-]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +62,7 @@ def run(processes: int, args: argparse.Namespace, sets: list[str], out: Path) ->
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    sets = SMOKE if args.smoke else []
+    sets = SMOKE_RECIPE if args.smoke else []
     if args.smoke:
         args.batches, args.strategies = 2, "0.5:4,1.0:8"
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,18 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import REPO, write_result  # noqa: E402
+from benchmarks.common import REPO, SMOKE_RECIPE, write_result  # noqa: E402
 
 QUICK = ["model.depth=4", "train.batch_size=64", "eval.train_limit=5000", "eval.test_limit=1000"]
 SMOKE = [
-    "data.dataset=synthetic",
-    "data.limit=64",
-    "data.workers=0",
-    "model.image_size=16",
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "train.batch_size=8",
+    *SMOKE_RECIPE,
     "eval.train_limit=64",
     "eval.test_limit=32",
     "objective.local_crops=0",
@@ -44,7 +37,7 @@ SMOKE = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", default="simclr,mocov3,dino")
-    p.add_argument("--base-steps", type=int, default=75, help="B, in uncompressed steps")
+    p.add_argument("--base-steps", type=int, help="B, in uncompressed steps (default 75; --quick 8)")
     p.add_argument("--budgets", type=int, default=4, help="how many doublings of B")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--smoke", action="store_true")
@@ -112,10 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     if args.quick:
         common += QUICK
-        args.base_steps = min(args.base_steps, 15)
     if args.smoke:
         common += SMOKE
-        args.base_steps, args.budgets = 2, 2
+        args.budgets = 2
+    if args.base_steps is None:
+        args.base_steps = 2 if args.smoke else (8 if args.quick else 75)
     objectives = args.objectives.split(",")
     rows, summary = [], {}
     with tempfile.TemporaryDirectory() as tmp:
