@@ -114,3 +114,51 @@ def test_image_folder_without_val_cannot_evaluate(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(ConfigError, match="needs a val/ folder"):
         load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), train=False)
+
+
+def _fake_cifar10(root, per_batch: int = 20) -> np.ndarray:
+    """CIFAR-10 in torchvision's on-disk format (python pickles), with made-up pixels."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    first = None
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+        first = data if first is None else first
+        labels = [int(i % 10) for i in range(per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return first
+
+
+def test_cifar10_splits_train_and_evaluate(tmp_path, tiny_recipe, monkeypatch):
+    import torchvision.datasets.cifar
+
+    from accelvit.checkpoint import create_run_dir
+    from accelvit.config import load_config
+    from accelvit.evaluate import evaluate_run
+    from accelvit.train import pretrain
+
+    first = _fake_cifar10(tmp_path / "cifar")
+    # torchvision checks the md5 of the real files
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    data = DataConfig(dataset="cifar10", root=str(tmp_path / "cifar"))
+    train, test = load_dataset(data), load_dataset(data, train=False)
+    assert (len(train), len(test)) == (100, 20)
+    image, label = train[0]
+    assert image.mode == "RGB" and image.size == (32, 32) and label == 0
+    # torchvision stores rows as CHW planes; the image must come back as HWC pixels
+    assert np.array_equal(np.asarray(image), first[0].reshape(3, 32, 32).transpose(1, 2, 0))
+
+    cfg = load_config(
+        tiny_recipe, ["data.dataset=cifar10", f"data.root={tmp_path / 'cifar'}", "data.limit=null"]
+    )
+    create_run_dir(tmp_path / "run", cfg)
+    pretrain(cfg, tmp_path / "run")
+    result = evaluate_run(tmp_path / "run")
+    assert (result["train_size"], result["test_size"]) == (100, 20)
+    assert 0 <= result["knn_top1"] <= 1
