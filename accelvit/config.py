@@ -57,6 +57,11 @@ class DataConfig:
     workers: int = _doc(2, "data-loader worker processes (0: load in the training process)")
     limit: int | None = _doc(None, "use only the first N training images (null: all)")
     crop_min_scale: float = _doc(0.08, "smallest area fraction of the random resized crop")
+    augment: str = _doc(
+        "cpu",
+        "cpu: lightly's per-image transforms in the loader workers; device: the loader only decodes and "
+        "resizes to model.image_size, views are drawn in batches on the training device (accelvit.augment)",
+    )
     on_bad_file: str = _doc(
         "skip", "an unreadable image file: skip it (the next image stands in, counted) or error"
     )
@@ -388,6 +393,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _require(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive or null")
     _require(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
+    _require(d.augment in ("cpu", "device"), "data.augment", d.augment, "expected cpu or device")
     _require(d.on_bad_file in ("skip", "error"), "data.on_bad_file", d.on_bad_file, "expected skip or error")
     if (
         check_paths

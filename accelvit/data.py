@@ -187,6 +187,8 @@ class ViewDataset(Dataset):
                 bad = bad or str(exc)
         else:
             raise BadImageError(f"no image of the dataset can be read (first: {bad})")
+        if getattr(self.transform, "deterministic", False):
+            return self.transform(image), label, bad
         with seeded(sample_seed):
             views = self.transform(image)
         return views, label, bad

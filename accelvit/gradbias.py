@@ -311,11 +311,11 @@ def estimate_model(
     processes); process r measures the batches with k % processes == r, token subsets seeded per
     batch, and the sums are added over processes. The global RNG state is left as it was.
     """
+    from accelvit.augment import batch_views, view_pipeline
     from accelvit.backbone import vit_shape
     from accelvit.budget import relative_cost
     from accelvit.config import allowed_patch_sizes
     from accelvit.data import StepBatchSampler, build_loader, load_dataset
-    from accelvit.objectives import OBJECTIVES
 
     started = time.perf_counter()
     allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
@@ -327,10 +327,10 @@ def estimate_model(
     images = load_dataset(cfg.data)
     stream = StepBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, step, step + num_batches)
     mine = [(k, keys) for k, keys in enumerate(stream) if k % world == rank]
-    objective = OBJECTIVES[cfg.objective.name]
+    transform, specs = view_pipeline(cfg)
     loader = build_loader(
         images,
-        objective.transform(cfg.objective, cfg.model, cfg.data),
+        transform,
         cfg.data.workers,
         [keys for _, keys in mine],
         accelerator.device.type == "cuda",
@@ -339,7 +339,8 @@ def estimate_model(
     def batches() -> Iterator[list[torch.Tensor]]:
         for (k, _), (views, _, _) in zip(mine, loader, strict=True):
             torch.manual_seed(cfg.train.seed * 1_000_003 + step + k)  # token subsets of batch k
-            yield [v.to(accelerator.device) for v in views]
+            # batch k's views as the run's first process draws them (data.augment: device)
+            yield batch_views(views, specs, cfg.train.seed, step + k, 0, accelerator.device)
 
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
         raw = measure(

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 
+from accelvit.augment import batch_views, view_pipeline
 from accelvit.backbone import build_backbone, vit_shape
 from accelvit.budget import (
     flops_cost_fn,
@@ -167,7 +168,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     sampler = StepBatchSampler(
         len(images), batch, train.seed, state.step, train.steps, accelerator.process_index, world
     )
-    transform = objective.transform(cfg.objective, cfg.model, cfg.data)
+    transform, specs = view_pipeline(cfg)  # specs: views drawn on the device (data.augment: device)
     loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
 
     # Costs of a step in budget units per image (the budget's and the adaptive schedule's currency)
@@ -178,7 +179,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     ]
     if cfg.cost.model == "measured":
         measure = measured_settings(cfg, candidates if cfg.schedule.mode == "adaptive" else ())
-        table = _measured_costs(accelerator, model, images, transform, measure, cfg, run_dir)
+        table = _measured_costs(accelerator, model, images, (transform, specs), measure, cfg, run_dir)
         cost = table_cost_fn(table)
     else:
         cost = flops_cost_fn(
@@ -195,8 +196,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
             # Data (time spent waiting for it is data_s)
             tick = time.perf_counter()
-            views, _, bad = next(batches)
-            views = [v.to(accelerator.device, non_blocking=True) for v in views]
+            loaded, _, bad = next(batches)
+            rank = accelerator.process_index
+            views = batch_views(loaded, specs, train.seed, state.step, rank, accelerator.device)
             meter.data_s += time.perf_counter() - tick
             _check_bad_files(bad, cfg.data.on_bad_file, state, main)
 
@@ -414,9 +416,7 @@ def _strategies(text: str | None, base_patch: int, allowed: list[int]) -> list[S
     return parse_strategies(text) if text else default_strategies(base_patch, allowed)
 
 
-def _measured_costs(
-    accelerator, model, images, transform, settings, cfg: Config, run_dir: Path
-) -> list[dict]:
+def _measured_costs(accelerator, model, images, pipeline, settings, cfg: Config, run_dir: Path) -> list[dict]:
     """Step costs timed once per run on the main process and shared, so every process counts alike."""
     path = run_dir / COSTS
     if path.is_file():  # a resumed run keeps the costs it started with
@@ -424,8 +424,9 @@ def _measured_costs(
     table = [None]
     if accelerator.is_main_process:
         keys = [(i % len(images), i) for i in range(cfg.train.batch_size)]
-        views, _, _ = next(iter(build_loader(images, transform, 0, [keys])))
-        views = [v.to(accelerator.device) for v in views]
+        transform, specs = pipeline
+        loaded, _, _ = next(iter(build_loader(images, transform, 0, [keys])))
+        views = batch_views(loaded, specs, cfg.train.seed, 0, 0, accelerator.device)
         with accelerator.autocast():
             table[0] = measure_costs(accelerator.unwrap_model(model), views, settings, cfg.cost.repeats)
         write_costs(path, table[0], str(accelerator.device))

@@ -62,7 +62,9 @@ def poisoned_data(monkeypatch):
     from accelvit.data import load_dataset
 
     marker = np.asarray(load_dataset(DataConfig(dataset="synthetic", limit=16))[POISONED][0])
-    monkeypatch.setitem(OBJECTIVES, "simclr", Objective(simclr.build, transform, simclr.branches))
+    monkeypatch.setitem(
+        OBJECTIVES, "simclr", Objective(simclr.build, transform, simclr.branches, simclr.view_specs)
+    )
 
 
 def poisoned_steps(steps: int) -> list[int]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
 from accelvit.objectives import dino, mocov3, simclr
 
@@ -24,10 +25,26 @@ class Objective:
     build: Callable[..., nn.Module]
     transform: Callable[..., Callable]
     branches: Callable[..., list[Branch]]
+    view_specs: Callable[..., list[ViewSpec]]  # data.augment: device
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "simclr": Objective(build=simclr.SimCLR, transform=simclr.build_transform, branches=simclr.branches),
-    "mocov3": Objective(build=mocov3.MoCoV3, transform=mocov3.build_transform, branches=mocov3.branches),
-    "dino": Objective(build=dino.DINO, transform=dino.build_transform, branches=dino.branches),
+    "simclr": Objective(
+        build=simclr.SimCLR,
+        transform=simclr.build_transform,
+        branches=simclr.branches,
+        view_specs=simclr.view_specs,
+    ),
+    "mocov3": Objective(
+        build=mocov3.MoCoV3,
+        transform=mocov3.build_transform,
+        branches=mocov3.branches,
+        view_specs=mocov3.view_specs,
+    ),
+    "dino": Objective(
+        build=dino.DINO,
+        transform=dino.build_transform,
+        branches=dino.branches,
+        view_specs=dino.view_specs,
+    ),
 }

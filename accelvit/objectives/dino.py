@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from lightly.loss import DINOLoss
@@ -20,6 +21,7 @@ from lightly.transforms import DINOTransform
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
 from accelvit.compress import base_patch_size, forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
@@ -103,6 +105,22 @@ def branches(cfg: ObjectiveConfig, model: ModelConfig, dropout_views: str) -> li
     if cfg.local_crops:
         passes.append(Branch(views=cfg.local_crops, size=local, backward=True, drops_tokens=True))
     return passes
+
+
+def view_specs(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> list[ViewSpec]:
+    """The crops of `build_transform`, drawn on the device (`data.augment: device`)."""
+    dino = ViewSpec(size=model.image_size, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    global_scale = (0.4, 1.0) if cfg.local_crops else (0.14, 1.0)
+    local = replace(
+        dino,
+        size=cfg.local_crop_size or local_crop_size(model.image_size, model.patch_size),
+        scale=(0.05, 0.4),
+    )
+    return [
+        replace(dino, scale=global_scale, blur=1.0),
+        replace(dino, scale=global_scale, blur=0.1, solarize=0.2),
+        *[local] * cfg.local_crops,
+    ]
 
 
 def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from lightly.utils import dist
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
@@ -96,6 +98,19 @@ def branches(cfg: ObjectiveConfig, model: ModelConfig, dropout_views: str) -> li
         Branch(views=2, size=model.image_size, backward=True, drops_tokens=True),
         Branch(views=2, size=model.image_size, backward=False, drops_tokens=dropout_views == "all"),
     ]
+
+
+def view_specs(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> list[ViewSpec]:
+    """BYOL's two views (`build_transform`), drawn on the device (`data.augment: device`)."""
+    byol = ViewSpec(
+        size=model.image_size,
+        scale=(data.crop_min_scale, 1.0),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+    )
+    return [replace(byol, blur=1.0), replace(byol, blur=0.1, solarize=0.2)]
 
 
 def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:

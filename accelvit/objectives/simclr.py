@@ -14,6 +14,7 @@ from lightly.transforms import SimCLRTransform
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
@@ -43,6 +44,11 @@ class SimCLR(nn.Module):
 def branches(cfg: ObjectiveConfig, model: ModelConfig, dropout_views: str) -> list[Branch]:
     """The encoder passes of a step, for the cost model: both views carry gradients and drop tokens."""
     return [Branch(views=2, size=model.image_size, backward=True, drops_tokens=True)]
+
+
+def view_specs(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> list[ViewSpec]:
+    """The two views of `build_transform`, drawn on the device (`data.augment: device`)."""
+    return [ViewSpec(size=model.image_size, scale=(data.crop_min_scale, 1.0))] * 2
 
 
 def build_transform(cfg: ObjectiveConfig, model: ModelConfig, data: DataConfig) -> Callable:
