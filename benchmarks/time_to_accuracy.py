@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--objectives", default="simclr,mocov3,dino")
     p.add_argument("--base-steps", type=int, help="B, in uncompressed steps (default 30; --quick 6)")
     p.add_argument("--budgets", type=int, default=4, help="how many doublings of B")
+    p.add_argument("--augment", default="cpu", choices=["cpu", "device"], help="data.augment of every run")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("-o", "--output", default=None)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train.eval_every=null",
         "train.checkpoint_every=1000000",
         "train.log_every=10",
+        f"data.augment={args.augment}",
     ]
     if args.quick:
         common += QUICK
@@ -138,7 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "speedup": summary,
     }
-    return write_result("time_to_accuracy" + ("-quick" if args.quick else ""), result, args.output)
+    name = (
+        "time_to_accuracy"
+        + ("-quick" if args.quick else "")
+        + ("-device-augment" if args.augment == "device" else "")
+    )
+    return write_result(name, result, args.output)
 
 
 def format_table(rows: list[dict], summary: dict) -> str:
