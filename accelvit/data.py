@@ -149,17 +149,24 @@ def load_dataset(cfg: DataConfig, train: bool = True, limited: bool = True) -> D
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block with python, numpy and torch RNGs seeded, restoring their states afterwards."""
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    """Run a block with python, numpy and torch (CPU) RNGs seeded.
+
+    In the training process (no loader workers) their states are restored afterwards, since token
+    dropout draws from them; a worker process has nothing to restore. Seeding only the CPU generator
+    (not `torch.manual_seed`, which also seeds every GPU) keeps this at a few microseconds a sample.
+    """
+    in_worker = torch.utils.data.get_worker_info() is not None
+    states = None if in_worker else (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
+        if states is not None:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.set_rng_state(states[2])
 
 
 class ViewDataset(Dataset):
