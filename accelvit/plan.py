@@ -78,6 +78,21 @@ def choose(table: dict[Setting, float], allowed: Callable[[Setting], bool] = lam
     return Choice(best[3], best[0], second[3] if second else None, second[0] if second else None)
 
 
+def choose_stage(
+    report: dict,
+    cost: Callable[[Setting], float],
+    base_patch: int,
+    previous: Setting | None,
+    monotone: bool,
+) -> Choice:
+    """The adaptive schedule's choice for the next stage: CA-MSE with the run's own step costs
+    (`cost`: budget units of a step), never a cheaper step than `previous` when `monotone`."""
+    full = cost(Setting(1.0, base_patch))
+    table = ca_mse_table(report, base_patch, lambda s: cost(s) / full)
+    floor = cost(previous) if previous is not None and monotone else 0.0
+    return choose(table, lambda s: cost(s) >= floor - 1e-12)
+
+
 def plan(reports: list[dict], base_patch: int, cost: str = "measured") -> list[tuple[float, Choice]]:
     """One choice per report, ordered by the progress it was taken at (each one starts a stage)."""
     if cost not in ("measured", "flops"):

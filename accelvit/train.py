@@ -53,7 +53,7 @@ from accelvit.distributed import any_process, use_cpu
 from accelvit.evaluate import evaluate_backbone
 from accelvit.gradbias import default_strategies, estimate_model
 from accelvit.objectives import OBJECTIVES
-from accelvit.plan import ca_mse_table, choose
+from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
 from accelvit.schedule import Setting, current_setting, due_points, lr_at, parse_strategies
 
@@ -443,13 +443,10 @@ def _decide(
     report = estimate_model(
         accelerator.unwrap_model(model), cfg, accelerator, candidates, k, state.step, progress
     )
-    full = cost(Setting(1.0, base))
-    table = ca_mse_table(report, base, lambda s: cost(s) / full)
     previous = Setting(state.decisions[-1]["keep"], state.decisions[-1]["patch"]) if state.decisions else None
-    floor = cost(previous) if previous is not None and cfg.schedule.monotone else 0.0
-    choice = choose(table, lambda s: cost(s) >= floor - 1e-12)
+    choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone)
     # the estimator ran K batches of `batch` images at full input and at every candidate
-    units = k * batch * (full + sum(cost(s) for s in candidates))
+    units = k * batch * sum(cost(s) for s in [Setting(1.0, base), *candidates])
     state.budget_spent += units
     state.estimator_spent += units
     decision = {

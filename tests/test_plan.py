@@ -11,7 +11,7 @@ from accelvit.plan import ca_mse_table, choose, plan, schedule_from_plan
 from accelvit.schedule import Setting, setting_at
 
 
-def report(progress: float, full_variance: float, rows: list[tuple]) -> dict:
+def report_at(progress: float, full_variance: float, rows: list[tuple]) -> dict:
     """A hand-made report: rows of (keep, patch, bias_sq, variance, cost, flops)."""
     return {
         "schema": SCHEMA,
@@ -35,9 +35,9 @@ def report(progress: float, full_variance: float, rows: list[tuple]) -> dict:
 
 
 # Early: variance dominates and the cheapest strategy wins; late: bias dominates and full input wins.
-EARLY = report(0.0, 10.0, [(0.5, 4, 0.1, 12.0, 0.5, 0.5), (0.25, 8, 0.5, 15.0, 0.1, 0.08)])  # 6.1, 2.0
-MIDDLE = report(0.5, 2.0, [(0.5, 4, 0.2, 2.2, 0.5, 0.5), (0.25, 8, 3.0, 3.0, 0.1, 0.08)])  # 1.3, 3.3
-LATE = report(0.75, 0.5, [(0.5, 4, 0.6, 0.6, 0.5, 0.5), (0.25, 8, 3.0, 1.0, 0.1, 0.08)])  # 0.9, 3.1
+EARLY = report_at(0.0, 10.0, [(0.5, 4, 0.1, 12.0, 0.5, 0.5), (0.25, 8, 0.5, 15.0, 0.1, 0.08)])  # 6.1, 2.0
+MIDDLE = report_at(0.5, 2.0, [(0.5, 4, 0.2, 2.2, 0.5, 0.5), (0.25, 8, 3.0, 3.0, 0.1, 0.08)])  # 1.3, 3.3
+LATE = report_at(0.75, 0.5, [(0.5, 4, 0.6, 0.6, 0.5, 0.5), (0.25, 8, 3.0, 1.0, 0.1, 0.08)])  # 0.9, 3.1
 
 
 def test_full_input_is_a_candidate_with_its_own_variance():
@@ -93,3 +93,18 @@ def test_plan_rejects_a_report_of_another_schema(tmp_path, capsys):
     assert main(["plan", str(bad), "-o", str(tmp_path / "p.yaml")]) == 2
     assert "report schema 'accelvit.grad-error/0'" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_adaptive_stage_choice_uses_the_run_costs_and_the_monotone_rule():
+    from accelvit.plan import choose_stage
+
+    # step costs in budget units: full 6, keep 0.5 about 3, keep 0.25 at patch 8 about 0.6
+    units = {Setting(1.0, 4): 6.0, Setting(0.5, 4): 3.0, Setting(0.25, 8): 0.6}
+    cost = units.__getitem__
+    early = choose_stage(EARLY, cost, 4, previous=None, monotone=True)
+    assert early.setting == Setting(0.25, 8)
+    assert early.ca_mse == pytest.approx(0.5 + 0.1 * 15.0)  # relative cost 0.6 / 6
+    # later, with the previous stage at keep 0.5, the cheaper 0.25:8 is out unless monotone is off
+    report = report_at(0.5, 10.0, [(0.5, 4, 0.1, 12.0, 0.5, 0.5), (0.25, 8, 0.5, 15.0, 0.1, 0.08)])
+    assert choose_stage(report, cost, 4, Setting(0.5, 4), monotone=True).setting == Setting(0.5, 4)
+    assert choose_stage(report, cost, 4, Setting(0.5, 4), monotone=False).setting == Setting(0.25, 8)
