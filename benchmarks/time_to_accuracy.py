@@ -6,8 +6,8 @@ evaluates each run's kNN top-1 and reports the speedup: the smallest accelerated
 accuracy reaches the baseline's at the largest budget, as a budget ratio and as a wall-clock ratio
 (the reference's ImageNet figures: 4x MoCo-v3, 3.3x SimCLR, 2.5x DINO).
 
-    python -m benchmarks.time_to_accuracy            # recipe-sized models, B = 30 (est. ~50 min, 2 CPU cores)
-    python -m benchmarks.time_to_accuracy --quick    # a 4-block ViT, B = 6 (est. ~11 min; B = 15 took 28)
+    python -m benchmarks.time_to_accuracy            # recipe-sized models, B = 10 (est. ~55 min, 2 CPU cores)
+    python -m benchmarks.time_to_accuracy --quick    # a 4-block ViT, B = 6 (9.5 min with --augment device)
     python -m benchmarks.time_to_accuracy --smoke    # synthetic data, seconds
 """
 
@@ -37,7 +37,7 @@ SMOKE = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", default="simclr,mocov3,dino")
-    p.add_argument("--base-steps", type=int, help="B, in uncompressed steps (default 30; --quick 6)")
+    p.add_argument("--base-steps", type=int, help="B, in uncompressed steps (default 10; --quick 6)")
     p.add_argument("--budgets", type=int, default=4, help="how many doublings of B")
     p.add_argument("--augment", default="cpu", choices=["cpu", "device"], help="data.augment of every run")
     p.add_argument("--quick", action="store_true")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         common += SMOKE
         args.budgets = 2
     if args.base_steps is None:
-        args.base_steps = 2 if args.smoke else (6 if args.quick else 30)
+        args.base_steps = 2 if args.smoke else (6 if args.quick else 10)
     objectives = args.objectives.split(",")
     rows, summary = [], {}
     with tempfile.TemporaryDirectory() as tmp:
