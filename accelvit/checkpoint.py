@@ -6,6 +6,7 @@ RUN_DIR/
   grad_error/step_N.*  gradient-bias reports taken during training (`train.grad_error_at`, adaptive stages)
   costs.json           measured step costs (`cost.model: measured`), reused on resume
   schedule_decisions.jsonl  adaptive schedule: one line per stage decision
+  diagnostics.jsonl    attention entropy and condition numbers per block (train.diagnostics_every)
   checkpoints/step_N/  accelerate's `save_state` (model, optimizer, RNG states of every process)
                        + trainer_state.json (TrainState) + identity.json (accelvit version, model
                        and objective) + manifest.json (files and sizes)
@@ -35,6 +36,7 @@ METRICS = "metrics.jsonl"
 GRAD_ERROR = "grad_error"
 COSTS = "costs.json"
 DECISIONS = "schedule_decisions.jsonl"
+DIAGNOSTICS = "diagnostics.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
 IDENTITY = "identity.json"
@@ -245,10 +247,14 @@ def load_checkpoint(accelerator: Accelerator, path: Path, identity: dict | None 
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric lines past `step`, logged after the checkpoint a run resumes from."""
-    path = run_dir / METRICS
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    write_atomic(path, "".join(kept))
+    """Drop log lines written after the checkpoint of `step` that a run resumes from.
+
+    metrics.jsonl lines name the step they end (kept up to `step`); diagnostics.jsonl lines the step
+    they precede, so the one of `step` itself is taken again.
+    """
+    for name, last in ((METRICS, step), (DIAGNOSTICS, step - 1)):
+        path = run_dir / name
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last]
+            write_atomic(path, "".join(kept))

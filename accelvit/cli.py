@@ -192,6 +192,23 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    import json
+
+    from accelvit.checkpoint import DIAGNOSTICS
+    from accelvit.report import diagnostics_table, plot_diagnostics
+
+    runs = {}
+    for run_dir in map(Path, args.run_dirs):
+        path = run_dir / DIAGNOSTICS
+        if not path.is_file():
+            raise ConfigError(f"'{run_dir}' has no {DIAGNOSTICS} (train with train.diagnostics_every set)")
+        runs[str(run_dir)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    print(diagnostics_table(runs))
+    print(f"plot: {plot_diagnostics(runs, Path(args.output))}")
+    return 0
+
+
 def _defaults(args: argparse.Namespace) -> int:
     print(describe_defaults(), end="")
     return 0
@@ -263,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
     p.add_argument("--cost", default="measured", help="cost in CA-MSE: measured (as reported) or flops")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("diagnose", help="plot attention entropy and condition numbers of runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default="diagnostics.png", help="PNG to write (default diagnostics.png)")
+    p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("defaults", help="print every recipe key with its default and meaning")
     p.set_defaults(func=_defaults)

@@ -153,6 +153,9 @@ class TrainConfig:
     seed: int = _doc(0, "seed of model init, data order, augmentations and token dropout")
     log_every: int = _doc(10, "steps between lines of metrics.jsonl")
     eval_every: int | None = _doc(None, "steps between online kNN evaluations (null: none)")
+    diagnostics_every: int | None = _doc(
+        None, "steps between attention diagnostics on a fixed probe batch (diagnostics.jsonl; null: none)"
+    )
     grad_error_at: list[float] = _doc([], "progress points at which to run the gradient-bias estimator")
     grad_error_batches: int = _doc(4, "batches (K) the estimator averages over during pretraining")
     grad_error_strategies: str | None = _doc(
@@ -490,6 +493,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.batch_size > 1, "train.batch_size", t.batch_size, "must be at least 2")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
     _require(t.eval_every is None or t.eval_every > 0, "train.eval_every", t.eval_every, "must be > 0")
+    _require(
+        t.diagnostics_every is None or t.diagnostics_every > 0,
+        "train.diagnostics_every",
+        t.diagnostics_every,
+        "must be > 0",
+    )
     for i, point in enumerate(t.grad_error_at):
         _require(0 <= point < 1, f"train.grad_error_at[{i}]", point, "must be a progress in [0, 1)")
     _require(t.grad_error_batches >= 2, "train.grad_error_batches", t.grad_error_batches, "must be >= 2")

@@ -191,3 +191,53 @@ def compare_table(reports: list[dict], labels: list[str]) -> str:
             out.append(f"| {keep}:{patch} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention diagnostics
+
+
+def diagnostics_table(runs: dict[str, list[dict]]) -> str:
+    """The last diagnostics record of each run, a row per block."""
+    lines = [f"{'run':>16} {'step':>7} {'block':>5} {'entropy':>8} {'attn_cond':>10} {'block_cond':>10}"]
+    for label, records in runs.items():
+        last = records[-1]
+        for b in last["blocks"]:
+            lines.append(
+                f"{label[-16:]:>16} {last['step']:7d} {b['block']:5d} {b['entropy']:8.4f} "
+                f"{b['attn_cond']:10.3g} {b['block_cond']:10.3g}"
+            )
+    return "\n".join(lines)
+
+
+def plot_diagnostics(runs: dict[str, list[dict]], path: Path) -> Path:
+    """Entropy and condition numbers per block against training progress, one line style per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    styles = ["-", "--", ":", "-."]
+    for r, (label, records) in enumerate(runs.items()):
+        progress = [rec["progress"] for rec in records]
+        for block in range(len(records[0]["blocks"])):
+            color = plt.cm.viridis(block / max(1, len(records[0]["blocks"]) - 1))
+            for ax, key in zip(axes, ("entropy", "attn_cond", "block_cond"), strict=True):
+                values = [rec["blocks"][block][key] for rec in records]
+                name = f"{label} block {block}" if key == "entropy" else None
+                ax.plot(progress, values, styles[r % len(styles)], color=color, label=name)
+    for ax, title in zip(
+        axes, ("attention entropy / log N", "cond(attention output)", "cond(block output)"), strict=True
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("training progress")
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -36,6 +36,7 @@ from accelvit.checkpoint import (
     CHECKPOINTS,
     COSTS,
     DECISIONS,
+    DIAGNOSTICS,
     GRAD_ERROR,
     METRICS,
     SaveError,
@@ -49,6 +50,7 @@ from accelvit.checkpoint import (
 )
 from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig, allowed_patch_sizes
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
+from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import any_process, use_cpu
 from accelvit.evaluate import evaluate_backbone
 from accelvit.gradbias import default_strategies, estimate_model
@@ -170,6 +172,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     )
     transform, specs = view_pipeline(cfg)  # specs: views drawn on the device (data.augment: device)
     loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
+    probe = probe_batch(images, image_size) if train.diagnostics_every else None
 
     # Costs of a step in budget units per image (the budget's and the adaptive schedule's currency)
     allowed = allowed_patch_sizes(image_size, base_patch)
@@ -201,6 +204,14 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             views = batch_views(loaded, specs, train.seed, state.step, rank, accelerator.device)
             meter.data_s += time.perf_counter() - tick
             _check_bad_files(bad, cfg.data.on_bad_file, state, main)
+
+            # Attention diagnostics on the fixed probe batch (train.diagnostics_every)
+            if main and train.diagnostics_every and state.step % train.diagnostics_every == 0:
+                blocks = measure_blocks(
+                    accelerator.unwrap_model(model).backbone, probe.to(accelerator.device)
+                )
+                with open(run_dir / DIAGNOSTICS, "a") as f:
+                    f.write(json.dumps({"step": state.step, "progress": progress, "blocks": blocks}) + "\n")
 
             # Gradient error of compressed inputs on the current model (train.grad_error_at)
             for point in due_points(train.grad_error_at, progress, state.grad_error_done):
