@@ -316,6 +316,7 @@ def estimate_model(
     from accelvit.budget import relative_cost
     from accelvit.config import allowed_patch_sizes
     from accelvit.data import StepBatchSampler, build_loader, load_dataset
+    from accelvit.diagnostics import measure_blocks, probe_batch
 
     started = time.perf_counter()
     allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
@@ -353,6 +354,7 @@ def estimate_model(
             autocast=accelerator.autocast,
         )
     flops = {s: relative_cost(shape, s, cfg.model.patch_size) for s in strategies}
+    probe = probe_batch(images, cfg.model.image_size).to(accelerator.device)
     return {
         "schema": SCHEMA,
         "model": dataclasses.asdict(cfg.model),
@@ -367,4 +369,5 @@ def estimate_model(
         "groups": [g.name for g in raw["groups"]],
         "strategies": summarize(raw, flops),
         "wall_s": time.perf_counter() - started,
+        "diagnostics": measure_blocks(model.backbone, probe),  # attention of the measured state
     }

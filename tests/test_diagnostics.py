@@ -86,3 +86,17 @@ def test_diagnose_command_prints_and_plots_runs(tmp_path, tiny_recipe, capsys):
     assert table.count("baseline") == 2 and table.count("curriculum") == 2  # a row per block
     assert out.stat().st_size > 1000
     assert main(["diagnose", str(tmp_path)]) == 2
+
+
+def test_grad_error_reports_carry_the_diagnostics_of_the_measured_state(tmp_path, tiny_recipe):
+    import json
+
+    from accelvit.cli import main
+
+    out = tmp_path / "report.json"
+    assert (
+        main(["grad-error", str(tiny_recipe), "--batches", "2", "--strategies", "0.5:4", "-o", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    assert [b["block"] for b in report["diagnostics"]] == [0, 1]
+    assert all(0 < b["entropy"] <= 1 and b["block_cond"] >= 1 for b in report["diagnostics"])
