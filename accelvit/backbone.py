@@ -5,6 +5,7 @@ from __future__ import annotations
 import timm
 from timm.models.vision_transformer import VisionTransformer
 
+from accelvit.arch import attach
 from accelvit.budget import VitShape
 from accelvit.config import ConfigError, ModelConfig
 
@@ -33,7 +34,7 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
         raise ConfigError(f"model.arch = {cfg.arch!r}: timm cannot build it: {exc}") from None
     if not isinstance(vit, VisionTransformer):
         raise ConfigError(f"model.arch = {cfg.arch!r}: builds a {type(vit).__name__}, not a ViT")
-    return vit
+    return attach(vit, cfg)
 
 
 def vit_shape(vit: VisionTransformer, image_size: int) -> VitShape:

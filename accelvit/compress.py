@@ -21,6 +21,7 @@ from timm.layers.patch_dropout import patch_dropout_forward
 from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from timm.models.vision_transformer import VisionTransformer
 
+from accelvit.arch import options, precondition_tokens, run_blocks
 from accelvit.budget import kept_patches
 
 
@@ -102,9 +103,12 @@ def forward_tokens(
         Normalized tokens (B, L, D) where L = prefix + round(keep * H * W / patch**2).
     """
     x = embed_tokens(vit, images, patch or base_patch_size(vit))
+    alpha = options(vit).precondition_alpha
+    if alpha is not None and alpha < 1:
+        x = precondition_tokens(x, vit.num_prefix_tokens, alpha)
     x = drop_tokens(x, keep, vit.num_prefix_tokens)
     x = vit.norm_pre(x)
-    x = vit.blocks(x)
+    x = run_blocks(vit, x)
     return vit.norm(x)
 
 

@@ -43,6 +43,13 @@ class ModelConfig:
     embed_dim: int | None = _doc(None, "override the arch's embedding width (null: arch default)")
     depth: int | None = _doc(None, "override the arch's number of blocks (null: arch default)")
     num_heads: int | None = _doc(None, "override the arch's attention heads (null: arch default)")
+    value_residual: bool = _doc(False, "mix each block's attention values with the first block's (ResFormer)")
+    value_lambdas: list[float] | None = _doc(
+        None, "value residual: fixed [l1, l2] of V' = l1 V_n + l2 V_1 (null: learnable, from 0.5, 0.5)"
+    )
+    attn_skip: bool = _doc(True, "false removes the skip connection around self-attention (ablation)")
+    token_precondition: str = _doc("none", "none, or svd: spectral preconditioning of the patch tokens")
+    precondition_alpha: float = _doc(1.0, "svd preconditioning: singular values s -> s^a s_max^(1-a)")
 
 
 @dataclass
@@ -387,6 +394,21 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "model.patch_size",
         m.patch_size,
         f"must divide model.image_size ({m.image_size})",
+    )
+    _require(
+        m.token_precondition in ("none", "svd"),
+        "model.token_precondition",
+        m.token_precondition,
+        "none or svd",
+    )
+    _require(
+        0 < m.precondition_alpha <= 1, "model.precondition_alpha", m.precondition_alpha, "must be in (0, 1]"
+    )
+    _require(
+        m.value_lambdas is None or len(m.value_lambdas) == 2,
+        "model.value_lambdas",
+        m.value_lambdas,
+        "expected [l1, l2] or null",
     )
     for name in ("embed_dim", "depth", "num_heads"):
         value = getattr(m, name)

@@ -8,6 +8,11 @@ Per block:
   float64) of the self-attention output and of the block output, as (N, D) token matrices, median
   over the probe images. Self-attention without its skip connection is ill-conditioned ("Always
   skip attention", 2025); these numbers show how far a model is from that.
+- `input_cond`: the same for the patch tokens entering the first block (lowered by
+  `model.token_precondition: svd`).
+
+With `model.value_residual` or `model.attn_skip: false` the blocks run accelvit's own forward
+(`arch.block_forward`), which these hooks do not see: such models report `input_cond` only.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import math
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+
+from accelvit.compress import forward_tokens
 
 
 def attention_entropy(probs: torch.Tensor) -> float:
@@ -51,15 +58,21 @@ def measure_blocks(vit: VisionTransformer, images: torch.Tensor) -> list[dict]:
             captured[i]["block_cond"] = float(condition_numbers(output).median())
 
         hooks += [block.attn.register_forward_hook(on_attn), block.register_forward_hook(on_block)]
+    inputs: dict = {}
+
+    def on_input(module, args):  # the tokens entering the first block (after any preconditioning)
+        inputs["input_cond"] = float(condition_numbers(args[0][:, vit.num_prefix_tokens :]).median())
+
+    hooks.append(vit.norm_pre.register_forward_pre_hook(on_input))
     was_training = vit.training
     vit.eval()
     try:
-        vit.forward_features(images)
+        forward_tokens(vit, images)
     finally:
         vit.train(was_training)
         for hook in hooks:
             hook.remove()
-    return [{"block": i, **values} for i, values in enumerate(captured)]
+    return [{"block": i, **inputs, **values} for i, values in enumerate(captured)]
 
 
 def probe_batch(images, image_size: int, count: int = 32) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,7 +42,10 @@ def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> 
     """Write the backbone weights with timm's key names to `out` (.safetensors).
 
     Load them with `timm.create_model(arch, **kwargs)` + `load_state_dict`; `arch` and `kwargs`
-    are stored in the file's metadata.
+    are stored in the file's metadata. Architecture options (value residual, preconditioning) add
+    parameters timm does not know: the metadata lists them (`extra_parameters`) with the whole
+    model section (`accelvit_model`), and `accelvit.backbone.build_backbone` of that section loads
+    the file strictly.
     """
     if not (run_dir / RECIPE).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
@@ -53,6 +57,8 @@ def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> 
         "arch": cfg.model.arch,
         "timm_kwargs": json.dumps(kwargs),
         "checkpoint": path.name,
+        "extra_parameters": json.dumps(sorted(k for k in backbone if k in ("value_lambdas",))),
+        "accelvit_model": json.dumps(dataclasses.asdict(cfg.model)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".tmp-" + out.name)
