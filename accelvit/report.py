@@ -55,11 +55,7 @@ def plot_schedule(rows: list[ScheduleRow], path: Path, title: str = "") -> Path:
     axes[-1].set_xlabel("training progress")
     if title:
         axes[0].set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,11 +128,7 @@ def plot_grad_report(reports: list[dict], path: Path, labels: list[str]) -> Path
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_grad_report(report: dict, path: Path) -> list[Path]:
@@ -236,6 +228,12 @@ def plot_diagnostics(runs: dict[str, list[dict]], path: Path) -> Path:
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=6)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
