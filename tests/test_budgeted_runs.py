@@ -55,23 +55,38 @@ def test_poly_learning_rate_follows_budget_progress(tmp_path, tiny_recipe):
     assert [r["lr"] for r in log] == pytest.approx([1e-3 * (1 - (i + 1) / 8) ** 2 for i in range(8)])
 
 
-def test_measured_costs_are_stored_and_reused_on_resume(tmp_path, tiny_recipe):
-    overrides = [f"train.budget={6 * FULL_STEP}", "cost.model=measured", "train.checkpoint_every=1"]
-    cfg, run_dir = run(tmp_path, tiny_recipe, overrides)
+def test_measured_costs_are_timed_and_stored(tmp_path, tiny_recipe):
+    cfg, run_dir = run(tmp_path, tiny_recipe, [f"train.budget={6 * FULL_STEP}", "cost.model=measured"])
     costs = json.loads((run_dir / "costs.json").read_text())["costs"]
-    patches = {c["patch"] for c in costs}
-    assert patches == {4, 8}  # the ones the tiny schedule uses
+    assert {c["patch"] for c in costs} == {4, 8}  # the ones the tiny schedule uses
+    assert {c["keep"] for c in costs} == {0.25, 0.5, 0.75, 1.0}
     assert all(c["units"] > 0 for c in costs)
+    assert records(run_dir)[-1]["budget_spent"] >= 6 * FULL_STEP
+
+
+def test_a_run_counts_its_stored_costs_and_resumes_with_them(tmp_path, tiny_recipe):
+    # Costs as a timing would leave them in the run (fixed here, so the step count is known):
+    # 4 units per image at patch 4, 1 at patch 8, whatever the keep.
+    cfg = load_config(tiny_recipe, ["train.steps=null", f"train.budget={20 * 8}", "cost.model=measured",
+                                    "train.checkpoint_every=1"])  # fmt: skip
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    table = [{"keep": k, "patch": p, "units": 4.0 if p == 4 else 1.0} for p in (4, 8) for k in (0.25, 1.0)]
+    (run_dir / "costs.json").write_text(json.dumps({"device": "cpu", "costs": table}))
+    pretrain(cfg, run_dir)
     uninterrupted = records(run_dir)
-    steps = uninterrupted[-1]["step"]
-    assert steps >= 2  # timings vary, but a step costs at most a few uncompressed steps
-    last = max(int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir())
-    shutil.rmtree(run_dir / f"checkpoints/step_{last}")
+    # patch 8 (1 unit) until half the budget (80 units = 10 steps of 8 images), then patch 4 (4 units)
+    assert [r["patch"] for r in uninterrupted] == [8] * 10 + [4] * 3
+    assert [r["budget_spent"] for r in uninterrupted] == [8.0 * i for i in range(1, 11)] + [
+        112.0,
+        144.0,
+        176.0,
+    ]
+    shutil.rmtree(run_dir / "checkpoints/step_13")
     pretrain(cfg, run_dir, resume=True)
-    resumed = records(run_dir)
-    assert resumed[-1]["step"] == steps
-    assert [(r["loss"], r["budget_spent"]) for r in resumed] == [
-        (r["loss"], r["budget_spent"]) for r in uninterrupted
+    assert records(run_dir) == [
+        {**r, **{k: records(run_dir)[i][k] for k in ("images_per_s", "data_s", "step_s")}}
+        for i, r in enumerate(uninterrupted)
     ]
 
 
