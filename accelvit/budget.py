@@ -142,12 +142,11 @@ def measured_settings(cfg: Config, candidates: Iterable[Setting] = ()) -> list[S
     """Settings to time: the patch sizes the run can use, each at keeps 0.25 ... 1 and its lowest keep."""
     image_size, base = cfg.model.image_size, cfg.model.patch_size
     allowed = allowed_patch_sizes(image_size, base)
-    ramp_patches = [setting_at(cfg.schedule, i / 100, image_size, base).patch for i in range(101)]
+    ramp = [setting_at(cfg.schedule, i / 100, image_size, base) for i in range(101)]
     candidates = list(candidates)
-    low, high = min(ramp_patches), max(ramp_patches)
+    low, high = min(s.patch for s in ramp), max(s.patch for s in ramp)
     patches = {p for p in allowed if low <= p <= high} | {c.patch for c in candidates} | {base}
-    keeps = {0.25, 0.5, 0.75, 1.0} | {c.keep for c in candidates}
-    keeps |= {min(setting_at(cfg.schedule, i / 100, image_size, base).keep for i in range(101))}
+    keeps = {0.25, 0.5, 0.75, 1.0} | {c.keep for c in candidates} | {min(s.keep for s in ramp)}
     return [Setting(k, p) for p in sorted(patches) for k in sorted(keeps)]
 
 
@@ -160,9 +159,10 @@ def measure_costs(model, views: list, settings: list[Setting], repeats: int) -> 
     import torch
 
     from accelvit.compress import forward_features
+    from accelvit.objectives import buffer_restorer
 
     backbone, base = model.backbone, model.backbone.patch_embed.patch_size[0]
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    restore_buffers = buffer_restorer(model)
 
     def median_time(fn: Callable[[], object]) -> float:
         fn()  # warm-up
@@ -178,9 +178,7 @@ def measure_costs(model, views: list, settings: list[Setting], repeats: int) -> 
     def step(setting: Setting) -> None:
         model(views, setting, 0.0).backward()
         model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
+        restore_buffers()
 
     def unit_forward() -> None:
         with torch.no_grad():

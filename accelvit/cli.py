@@ -120,9 +120,8 @@ def _grad_error(args: argparse.Namespace) -> int:
     from accelvit.checkpoint import RECIPE, checkpoint_step
     from accelvit.config import allowed_patch_sizes
     from accelvit.export import resolve_checkpoint
-    from accelvit.gradbias import default_strategies, estimate
+    from accelvit.gradbias import estimate, strategies_or_default
     from accelvit.report import grad_table, write_grad_report
-    from accelvit.schedule import parse_strategies
 
     source = Path(args.source)
     checkpoint, step = None, 0
@@ -135,13 +134,8 @@ def _grad_error(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(source, args.set)
     try:
-        strategies = (
-            parse_strategies(args.strategies)
-            if args.strategies
-            else default_strategies(
-                cfg.model.patch_size, allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
-            )
-        )
+        allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
+        strategies = strategies_or_default(args.strategies, cfg.model.patch_size, allowed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.batches < 2:

@@ -159,12 +159,9 @@ def measure(
     """
     params, groups = parameter_groups(model)
     saved_grads = [p.grad for p in params]
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    from accelvit.objectives import buffer_restorer
 
-    def restore_buffers() -> None:
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
+    restore_buffers = buffer_restorer(model)
 
     device = params[0].device
     size, ng = sum(p.numel() for p in params), len(groups)
@@ -264,6 +261,13 @@ def default_strategies(base: int, allowed: list[int]) -> list[Setting]:
     return [Setting(k, p) for p in patches for k in (1.0, 0.5, 0.25) if (k, p) != (1.0, base)]
 
 
+def strategies_or_default(text: str | None, base: int, allowed: list[int]) -> list[Setting]:
+    """The keep:patch strategies of `text`, or the default grid when it is empty."""
+    from accelvit.schedule import parse_strategies
+
+    return parse_strategies(text) if text else default_strategies(base, allowed)
+
+
 def estimate(
     cfg,
     strategies: list[Setting],
@@ -304,12 +308,14 @@ def estimate_model(
     num_batches: int,
     step: int,
     progress: float,
+    images=None,
 ) -> dict:
     """The grad-error report of `model` (the objective module, unwrapped) at `step` of `cfg`'s run.
 
     Batch k is batch `step + k` of the run's data stream (the same views whatever the number of
     processes); process r measures the batches with k % processes == r, token subsets seeded per
     batch, and the sums are added over processes. The global RNG state is left as it was.
+    `images`: the run's training split, if already loaded (else it is loaded here).
     """
     from accelvit.augment import batch_views, view_pipeline
     from accelvit.backbone import vit_shape
@@ -325,7 +331,7 @@ def estimate_model(
             raise ValueError(f"strategy {s.keep}:{s.patch}: keep must be in (0, 1], patch one of {allowed}")
     shape = vit_shape(model.backbone, cfg.model.image_size)
     rank, world = accelerator.process_index, accelerator.num_processes
-    images = load_dataset(cfg.data)
+    images = images if images is not None else load_dataset(cfg.data)  # the run passes its own
     stream = StepBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, step, step + num_batches)
     mine = [(k, keys) for k, keys in enumerate(stream) if k % world == rank]
     transform, specs = view_pipeline(cfg)

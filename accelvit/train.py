@@ -53,11 +53,11 @@ from accelvit.data import StepBatchSampler, build_loader, load_dataset
 from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import any_process, use_cpu
 from accelvit.evaluate import evaluate_backbone
-from accelvit.gradbias import default_strategies, estimate_model
-from accelvit.objectives import OBJECTIVES
+from accelvit.gradbias import estimate_model, strategies_or_default
+from accelvit.objectives import OBJECTIVES, buffer_restorer
 from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
-from accelvit.schedule import Setting, current_setting, due_points, lr_at, parse_strategies
+from accelvit.schedule import Setting, current_setting, due_points, lr_at
 
 
 @dataclass
@@ -95,7 +95,7 @@ def train_step(
     """Forward, backward, and, when loss and gradients are finite on every process, the optimizer step
     and momentum update. Returns (loss, gradient norm, finite); a step that is not finite leaves
     weights and buffers as they were."""
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    restore_buffers = buffer_restorer(model)
     loss = model(views, setting, progress)
     accelerator.backward(loss)
     grad_norm = _grad_norm(accelerator, model, clip_grad)
@@ -106,9 +106,7 @@ def train_step(
         optimizer.step()
         accelerator.unwrap_model(model).update_momentum(progress)
     else:
-        with torch.no_grad():  # the forward put NaN into batch-norm statistics (DINO: its centre)
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
+        restore_buffers()  # the forward put NaN into batch-norm statistics (DINO: its centre)
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, finite
 
@@ -172,13 +170,15 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     )
     transform, specs = view_pipeline(cfg)  # specs: views drawn on the device (data.augment: device)
     loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
-    probe = probe_batch(images, image_size) if train.diagnostics_every else None
+    probe = probe_batch(images, image_size).to(accelerator.device) if train.diagnostics_every else None
 
     # Costs of a step in budget units per image (the budget's and the adaptive schedule's currency)
     allowed = allowed_patch_sizes(image_size, base_patch)
-    grad_error_strategies = _strategies(train.grad_error_strategies, base_patch, allowed)
+    grad_error_strategies = strategies_or_default(train.grad_error_strategies, base_patch, allowed)
     candidates = [
-        s for s in _strategies(cfg.schedule.candidates, base_patch, allowed) if s != Setting(1.0, base_patch)
+        s
+        for s in strategies_or_default(cfg.schedule.candidates, base_patch, allowed)
+        if s != Setting(1.0, base_patch)
     ]
     if cfg.cost.model == "measured":
         measure = measured_settings(cfg, candidates if cfg.schedule.mode == "adaptive" else ())
@@ -207,9 +207,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
             # Attention diagnostics on the fixed probe batch (train.diagnostics_every)
             if main and train.diagnostics_every and state.step % train.diagnostics_every == 0:
-                blocks = measure_blocks(
-                    accelerator.unwrap_model(model).backbone, probe.to(accelerator.device)
-                )
+                blocks = measure_blocks(accelerator.unwrap_model(model).backbone, probe)
                 with open(run_dir / DIAGNOSTICS, "a") as f:
                     f.write(json.dumps({"step": state.step, "progress": progress, "blocks": blocks}) + "\n")
 
@@ -217,7 +215,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             for point in due_points(train.grad_error_at, progress, state.grad_error_done):
                 report = estimate_model(
                     accelerator.unwrap_model(model), cfg, accelerator, grad_error_strategies,
-                    train.grad_error_batches, state.step, progress,
+                    train.grad_error_batches, state.step, progress, images,
                 )  # fmt: skip
                 state.grad_error_done.append(point)
                 if main:
@@ -227,7 +225,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             if cfg.schedule.mode == "adaptive":
                 done = [d["stage"] for d in state.decisions]
                 for stage in due_points(cfg.schedule.stages, progress, done):
-                    decision = _decide(cfg, accelerator, model, candidates, cost, state, stage, progress)
+                    decision = _decide(
+                        cfg, accelerator, model, images, candidates, cost, state, stage, progress
+                    )
                     if main:
                         _write_decisions(run_dir, state.decisions)
                         bar.write(
@@ -423,10 +423,6 @@ def _advance(bar: tqdm, train: TrainConfig, state: TrainState) -> None:
         bar.update(round(100 * progress_of(train, state.step, state.budget_spent), 2) - bar.n)
 
 
-def _strategies(text: str | None, base_patch: int, allowed: list[int]) -> list[Setting]:
-    return parse_strategies(text) if text else default_strategies(base_patch, allowed)
-
-
 def _measured_costs(accelerator, model, images, pipeline, settings, cfg: Config, run_dir: Path) -> list[dict]:
     """Step costs timed once per run on the main process and shared, so every process counts alike."""
     path = run_dir / COSTS
@@ -446,13 +442,13 @@ def _measured_costs(accelerator, model, images, pipeline, settings, cfg: Config,
 
 
 def _decide(
-    cfg, accelerator, model, candidates, cost, state: TrainState, stage: float, progress: float
+    cfg, accelerator, model, images, candidates, cost, state: TrainState, stage: float, progress: float
 ) -> dict:
     """Measure CA-MSE of the candidates on the current model and record the best as the next stage."""
     base = cfg.model.patch_size
     k, batch = cfg.schedule.adaptive_batches, cfg.train.batch_size
     report = estimate_model(
-        accelerator.unwrap_model(model), cfg, accelerator, candidates, k, state.step, progress
+        accelerator.unwrap_model(model), cfg, accelerator, candidates, k, state.step, progress, images
     )
     previous = Setting(state.decisions[-1]["keep"], state.decisions[-1]["patch"]) if state.decisions else None
     choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone)

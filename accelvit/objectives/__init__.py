@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from accelvit.augment import ViewSpec
@@ -26,6 +27,21 @@ class Objective:
     transform: Callable[..., Callable]
     branches: Callable[..., list[Branch]]
     view_specs: Callable[..., list[ViewSpec]]  # data.augment: device
+
+
+def buffer_restorer(model: nn.Module) -> Callable[[], None]:
+    """Snapshot `model`'s buffers (batch-norm statistics, DINO's centre); the result puts them back.
+
+    For passes that must leave no trace: measuring, timing, and steps skipped as non-finite.
+    """
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(saved[k])
+
+    return restore
 
 
 OBJECTIVES: dict[str, Objective] = {
