@@ -250,10 +250,11 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             if finite:
                 state.skipped_in_row = 0
             else:
+                # stopping checkpoints the state before this step: the counters move only after
+                if train.on_nonfinite == "stop" or state.skipped_in_row + 1 >= train.max_skipped:
+                    _stop_nonfinite(accelerator, run_dir, state, train, cfg, loss, grad_norm)
                 state.skipped += 1
                 state.skipped_in_row += 1
-                if train.on_nonfinite == "stop" or state.skipped_in_row >= train.max_skipped:
-                    _stop_nonfinite(accelerator, run_dir, state, train, cfg, loss, grad_norm)
             state.step += 1
             state.images_seen += batch * world
             state.budget_spent += step_units
@@ -363,7 +364,7 @@ def _stop_nonfinite(
     if path is None and state.step > 0:
         path = _save(accelerator, run_dir, state, cfg)
     why = (
-        f"{state.skipped_in_row} steps in a row (train.max_skipped)"
+        f"{state.skipped_in_row + 1} steps in a row (train.max_skipped)"
         if train.on_nonfinite == "skip"
         else "train.on_nonfinite: stop; 'skip' would skip such steps"
     )

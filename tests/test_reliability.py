@@ -118,6 +118,9 @@ def test_too_many_skipped_steps_in_a_row_stop(tmp_path, tiny_recipe, poisoned_da
     create_run_dir(run_dir, cfg)
     with pytest.raises(NonFiniteError, match=r"^step 2: .*2 steps in a row \(train.max_skipped\)"):
         pretrain(cfg, run_dir)
+    # the checkpoint holds the state before step 2: one step done, and skipped
+    state = json.loads((run_dir / "checkpoints/step_1/trainer_state.json").read_text())
+    assert (state["step"], state["skipped"], state["skipped_in_row"]) == (1, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
