@@ -48,4 +48,5 @@ def vit_shape(vit: VisionTransformer, image_size: int) -> VitShape:
         mlp_ratio=hidden / vit.embed_dim,
         prefix_tokens=vit.num_prefix_tokens,
         in_chans=vit.patch_embed.proj.in_channels,
+        num_heads=block.attn.num_heads,
     )

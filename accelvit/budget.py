@@ -13,6 +13,7 @@ Everything but `measure_costs` is plain arithmetic, so schedules can be costed b
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from accelvit.config import Config, TrainConfig, allowed_patch_sizes
+from accelvit.merge import patch_tokens_per_block
 from accelvit.schedule import Setting, patch_for_size, setting_at
 
 BACKWARD_FACTOR = 3.0  # forward + backward: the backward pass costs about two forwards
@@ -36,6 +38,7 @@ class VitShape:
     mlp_ratio: float = 4.0
     prefix_tokens: int = 1  # class (and register) tokens, never dropped
     in_chans: int = 3
+    num_heads: int = 1  # token merging matches on keys averaged over heads (width embed_dim / heads)
 
 
 def num_patches(image_size: int, patch: int) -> int:
@@ -48,21 +51,30 @@ def kept_patches(patches: int, keep: float) -> int:
 
 
 def tokens_per_view(shape: VitShape, setting: Setting) -> int:
-    """Sequence length the transformer blocks see for one view (prefix tokens included)."""
+    """Sequence length entering the first transformer block for one view (prefix tokens included)."""
     return shape.prefix_tokens + kept_patches(num_patches(shape.image_size, setting.patch), setting.keep)
 
 
 def forward_flops(shape: VitShape, setting: Setting) -> float:
     """Multiply-add FLOPs (x2) of one image's forward pass through the backbone.
 
-    Per block on n tokens of width d: qkv and output projections 8nd^2, MLP 4*mlp_ratio*nd^2,
-    attention scores and weighted sum 4n^2d. The patch embedding runs on every patch, dropped or not.
+    Per block on n tokens of width d: qkv and output projections 8nd^2, attention scores and
+    weighted sum 4n^2d, MLP 4*mlp_ratio*nd^2. With token merging, block i runs attention on its n_i
+    tokens and the MLP on the n_(i+1) left after merging (`merge.patch_tokens_per_block`), plus the
+    matching: averaging the keys over heads (nd) and scoring set A against set B (2|A||B|d/heads).
+    The patch embedding runs on every patch, dropped or not.
     """
-    d, n = shape.embed_dim, tokens_per_view(shape, setting)
+    d, prefix = shape.embed_dim, shape.prefix_tokens
     patches = num_patches(shape.image_size, setting.patch)
     embed = 2 * patches * shape.in_chans * setting.patch**2 * d
-    block = (8 + 4 * shape.mlp_ratio) * n * d * d + 4 * n * n * d
-    return embed + shape.depth * block
+    counts = patch_tokens_per_block(kept_patches(patches, setting.keep), setting.merge, shape.depth)
+    total = embed
+    for before, after in itertools.pairwise(counts):
+        n, m = prefix + before, prefix + after
+        total += 8 * n * d * d + 4 * n * n * d + 4 * shape.mlp_ratio * m * d * d
+        if after < before:
+            total += n * d + 2 * ((before + 1) // 2) * (before // 2) * d / shape.num_heads
+    return total
 
 
 def relative_cost(shape: VitShape, setting: Setting, base_patch: int) -> float:
@@ -77,15 +89,13 @@ class Branch:
     views: int
     size: int
     backward: bool  # gradient-carrying (forward + backward) or a momentum encoder (forward only)
-    drops_tokens: bool  # token dropout applies to this pass
+    drops_tokens: bool  # token dropout and merging apply to this pass
 
 
 def branch_setting(branch: Branch, setting: Setting, base_patch: int) -> Setting:
     """The setting one pass runs at: its own patch for its size, full tokens unless it drops them."""
-    return Setting(
-        keep=setting.keep if branch.drops_tokens else 1.0,
-        patch=patch_for_size(setting.patch, branch.size, base_patch),
-    )
+    patch = patch_for_size(setting.patch, branch.size, base_patch)
+    return replace(setting if branch.drops_tokens else setting.full_tokens(), patch=patch)
 
 
 def step_flops_cost(shape: VitShape, branches: list[Branch], setting: Setting, base_patch: int) -> float:
@@ -106,25 +116,47 @@ def flops_cost_fn(shape: VitShape, branches: list[Branch], base_patch: int) -> C
 
 
 def table_cost_fn(table: list[dict]) -> CostFn:
-    """Measured costs: rows {keep, patch, units}; linear in keep between the measured keeps of a patch."""
-    by_patch: dict[int, list[tuple[float, float]]] = {}
+    """Measured costs: rows {keep, patch, merge, units} (merge absent: 0).
+
+    Per patch size: linear in keep between the measured keeps of a merge fraction, then linear in
+    merge between the two measured fractions around the setting's.
+    """
+    curves: dict[int, dict[float, list[tuple[float, float]]]] = {}
     for row in table:
-        by_patch.setdefault(int(row["patch"]), []).append((float(row["keep"]), float(row["units"])))
-    for points in by_patch.values():
-        points.sort()
+        by_merge = curves.setdefault(int(row["patch"]), {})
+        by_merge.setdefault(float(row.get("merge", 0.0)), []).append(
+            (float(row["keep"]), float(row["units"]))
+        )
+    for by_merge in curves.values():
+        for points in by_merge.values():
+            points.sort()
 
     def cost(setting: Setting) -> float:
-        points = by_patch.get(setting.patch)
-        if points is None:
-            raise ValueError(f"patch {setting.patch} was not measured (measured: {sorted(by_patch)})")
-        if len(points) == 1:
-            return points[0][1]
-        # the segment containing keep, or the nearest end segment (extrapolated)
-        i = next((j for j in range(1, len(points)) if setting.keep <= points[j][0]), len(points) - 1)
-        (k0, u0), (k1, u1) = points[i - 1], points[i]
-        return max(u0 + (u1 - u0) * (setting.keep - k0) / (k1 - k0), 0.0)
+        by_merge = curves.get(setting.patch)
+        if by_merge is None:
+            raise ValueError(f"patch {setting.patch} was not measured (measured: {sorted(curves)})")
+        merges = sorted(by_merge)
+        if not merges[0] <= setting.merge <= merges[-1]:
+            raise ValueError(
+                f"merge {setting.merge:g} at patch {setting.patch} was not measured (measured: {merges})"
+            )
+        if setting.merge in by_merge:
+            return _along(by_merge[setting.merge], setting.keep)
+        j = next(j for j, m in enumerate(merges) if m > setting.merge)
+        (m0, m1), keep = merges[j - 1 : j + 1], setting.keep
+        u0, u1 = _along(by_merge[m0], keep), _along(by_merge[m1], keep)
+        return u0 + (u1 - u0) * (setting.merge - m0) / (m1 - m0)
 
     return cost
+
+
+def _along(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear interpolation through sorted (x, y) points, extrapolating the end segments."""
+    if len(points) == 1:
+        return points[0][1]
+    i = next((j for j in range(1, len(points)) if x <= points[j][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
 
 
 def progress_of(train: TrainConfig, step: int, budget_spent: float) -> float:
@@ -139,7 +171,8 @@ def progress_of(train: TrainConfig, step: int, budget_spent: float) -> float:
 
 
 def measured_settings(cfg: Config, candidates: Iterable[Setting] = ()) -> list[Setting]:
-    """Settings to time: the patch sizes the run can use, each at keeps 0.25 ... 1 and its lowest keep."""
+    """Settings to time: the patch sizes the run can use, each at keeps 0.25 ... 1 and its lowest keep,
+    and, if it merges tokens, at merge 0, 0.1, ... up to its largest merge fraction."""
     image_size, base = cfg.model.image_size, cfg.model.patch_size
     allowed = allowed_patch_sizes(image_size, base)
     ramp = [setting_at(cfg.schedule, i / 100, image_size, base) for i in range(101)]
@@ -147,7 +180,9 @@ def measured_settings(cfg: Config, candidates: Iterable[Setting] = ()) -> list[S
     low, high = min(s.patch for s in ramp), max(s.patch for s in ramp)
     patches = {p for p in allowed if low <= p <= high} | {c.patch for c in candidates} | {base}
     keeps = {0.25, 0.5, 0.75, 1.0} | {c.keep for c in candidates} | {min(s.keep for s in ramp)}
-    return [Setting(k, p) for p in sorted(patches) for k in sorted(keeps)]
+    top = max(s.merge for s in ramp)
+    merges = {0.0, top} | {m for m in (0.1, 0.2, 0.3, 0.4) if m < top} | {c.merge for c in candidates}
+    return [Setting(k, p, m) for p in sorted(patches) for m in sorted(merges) for k in sorted(keeps)]
 
 
 def measure_costs(model, views: list, settings: list[Setting], repeats: int) -> list[dict]:
@@ -187,7 +222,12 @@ def measure_costs(model, views: list, settings: list[Setting], repeats: int) -> 
     with torch.random.fork_rng(devices=[views[0].device] if views[0].device.type == "cuda" else []):
         unit = median_time(unit_forward)
         return [
-            {"keep": s.keep, "patch": s.patch, "units": median_time(lambda s=s: step(s)) / unit}
+            {
+                "keep": s.keep,
+                "patch": s.patch,
+                "merge": s.merge,
+                "units": median_time(lambda s=s: step(s)) / unit,
+            }
             for s in settings
         ]
 

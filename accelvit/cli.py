@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grad-error", help="compare compressed and full-input gradients")
     p.add_argument("source", metavar="RECIPE_OR_RUN_DIR")
     p.add_argument("--checkpoint", help="checkpoint of a run (default: newest)")
-    p.add_argument("--strategies", help="keep:patch list, e.g. 1.0:16,0.5:16,0.25:32")
+    p.add_argument("--strategies", help="keep:patch[:merge] list, e.g. 1.0:16,0.5:16,0.25:32,1:16:0.2")
     p.add_argument("--batches", type=int, default=8, help="K, the number of batches (default 8)")
     p.add_argument("-o", "--output", required=True, help="REPORT.json (.md and .png go beside it)")
     overrides(p)

@@ -6,8 +6,10 @@
   the position embedding is resampled to the new grid.
 - Token dropout (PatchDropout, Liu et al., 2022): after position embeddings each image keeps a fresh
   random subset of round(keep * N) patch tokens; prefix (class, register) tokens are always kept.
+- Token merging (ToMe, `accelvit.merge`): inside each block a fraction `merge` of the remaining
+  patch tokens is merged into its most similar partners.
 
-With keep 1 and the base patch size the forward is exactly timm's `forward_features`.
+With keep 1, the base patch size and no merging the forward is exactly timm's `forward_features`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from timm.layers.patch_dropout import patch_dropout_forward
 from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from timm.models.vision_transformer import VisionTransformer
 
-from accelvit.arch import options, precondition_tokens, run_blocks
+from accelvit.arch import Observer, options, precondition_tokens, run_blocks
 from accelvit.budget import kept_patches
 
 
@@ -91,7 +93,12 @@ def drop_tokens(tokens: torch.Tensor, keep: float, num_prefix: int) -> torch.Ten
 
 
 def forward_tokens(
-    vit: VisionTransformer, images: torch.Tensor, keep: float = 1.0, patch: int | None = None
+    vit: VisionTransformer,
+    images: torch.Tensor,
+    keep: float = 1.0,
+    patch: int | None = None,
+    merge: float = 0.0,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """Backbone forward under a compression setting.
 
@@ -99,8 +106,11 @@ def forward_tokens(
         images: (B, C, H, W); H and W divisible by `patch`.
         keep: fraction of patch tokens kept (1: all).
         patch: patch size in pixels (None: the base patch size).
+        merge: fraction of patch tokens each block merges away (ToMe; 0: none).
+        observe: called with each block's intermediate tensors (see `arch.run_blocks`).
     Returns:
-        Normalized tokens (B, L, D) where L = prefix + round(keep * H * W / patch**2).
+        Normalized tokens (B, L, D): L = prefix + round(keep * H * W / patch**2) without merging,
+        fewer with it (`merge.patch_tokens_per_block`).
     """
     x = embed_tokens(vit, images, patch or base_patch_size(vit))
     alpha = options(vit).precondition_alpha
@@ -108,12 +118,16 @@ def forward_tokens(
         x = precondition_tokens(x, vit.num_prefix_tokens, alpha)
     x = drop_tokens(x, keep, vit.num_prefix_tokens)
     x = vit.norm_pre(x)
-    x = run_blocks(vit, x)
+    x = run_blocks(vit, x, merge, observe)
     return vit.norm(x)
 
 
 def forward_features(
-    vit: VisionTransformer, images: torch.Tensor, keep: float = 1.0, patch: int | None = None
+    vit: VisionTransformer,
+    images: torch.Tensor,
+    keep: float = 1.0,
+    patch: int | None = None,
+    merge: float = 0.0,
 ) -> torch.Tensor:
     """Pooled backbone features (B, D) under a compression setting (timm's pooling and fc_norm)."""
-    return vit.forward_head(forward_tokens(vit, images, keep, patch), pre_logits=True)
+    return vit.forward_head(forward_tokens(vit, images, keep, patch, merge), pre_logits=True)

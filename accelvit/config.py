@@ -122,13 +122,20 @@ class ScheduleConfig:
     patch: RampConfig = _doc(
         RampConfig(), "patch size in pixels (null start: model.patch_size); a number means constant"
     )
-    dropout_views: str = _doc("query", "which views drop tokens: query (gradient-carrying views only) or all")
+    merge: RampConfig = _doc(
+        RampConfig(start=0.0),
+        "token merging (ToMe): fraction of patch tokens each block merges away, in [0, 0.5]; 0: off",
+    )
+    dropout_views: str = _doc(
+        "query", "which views drop (and merge) tokens: query (gradient-carrying views only) or all"
+    )
     mode: str = _doc("fixed", "fixed: keep/patch ramps; adaptive: measure CA-MSE at `stages` and switch")
     stages: list[float] = _doc(
         [0.0, 0.25, 0.5, 0.75], "adaptive: progress points where the run picks the next stage's strategy"
     )
     candidates: str | None = _doc(
-        None, "adaptive: keep:patch strategies to choose from (null: a default grid); full input always"
+        None,
+        "adaptive: keep:patch[:merge] strategies to choose from (null: a default grid); full input always",
     )
     adaptive_batches: int = _doc(4, "adaptive: batches (K) the estimator averages over at each stage")
     monotone: bool = _doc(True, "adaptive: never pick a cheaper (more compressed) strategy than before")
@@ -166,7 +173,7 @@ class TrainConfig:
     grad_error_at: list[float] = _doc([], "progress points at which to run the gradient-bias estimator")
     grad_error_batches: int = _doc(4, "batches (K) the estimator averages over during pretraining")
     grad_error_strategies: str | None = _doc(
-        None, "keep:patch list for the estimator, e.g. 0.5:4,0.25:8 (null: a default grid)"
+        None, "keep:patch[:merge] list for the estimator, e.g. 0.5:4,0.25:8,1:4:0.2 (null: a default grid)"
     )
     checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
@@ -476,6 +483,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         lambda v: v is None or v in allowed,
         f"patch size must be one of {allowed} (divisors of model.image_size >= model.patch_size)",
     )
+    _validate_ramp(s.merge, "schedule.merge", _merge_ok, "merge fraction must be in [0, 0.5]")
     _require(
         s.dropout_views in ("query", "all"),
         "schedule.dropout_views",
@@ -553,14 +561,23 @@ def _validate_strategies(text: str | None, key: str, allowed: list[int]) -> None
     for item in text.split(","):
         try:
             (setting,) = parse_strategies(item)
-            ok = 0 < setting.keep <= 1 and setting.patch in allowed
+            ok = 0 < setting.keep <= 1 and setting.patch in allowed and _merge_ok(setting.merge)
         except ValueError:
             ok = False
-        _require(ok, key, item, f"expected keep:patch, keep in (0, 1], patch one of {allowed}")
+        _require(
+            ok,
+            key,
+            item,
+            f"expected keep:patch[:merge], keep in (0, 1], patch one of {allowed}, merge in [0, 0.5]",
+        )
 
 
 def _keep_ok(value: float | None) -> bool:
     return value is not None and 0 < value <= 1
+
+
+def _merge_ok(value: float | None) -> bool:
+    return value is not None and 0 <= value <= 0.5
 
 
 def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:

@@ -11,8 +11,8 @@ Per block:
 - `input_cond`: the same for the patch tokens entering the first block (lowered by
   `model.token_precondition: svd`).
 
-With `model.value_residual` or `model.attn_skip: false` the blocks run accelvit's own forward
-(`arch.block_forward`), which these hooks do not see: such models report `input_cond` only.
+The blocks run accelvit's forward (`arch.run_blocks`) with an observer, so every architecture
+option is measured the same way.
 """
 
 from __future__ import annotations
@@ -42,36 +42,26 @@ def condition_numbers(tokens: torch.Tensor) -> torch.Tensor:
 def measure_blocks(vit: VisionTransformer, images: torch.Tensor) -> list[dict]:
     """Per block: attention entropy and condition numbers of attention and block outputs."""
     captured: list[dict] = [{} for _ in vit.blocks]
-    hooks = []
-    for i, block in enumerate(vit.blocks):
 
-        def on_attn(module, args, output, i=i):
-            x = args[0]
-            b, n, _ = x.shape
-            qkv = module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
-            probs = (q * module.scale @ k.transpose(-2, -1)).softmax(dim=-1)
-            captured[i]["entropy"] = attention_entropy(probs.float())
-            captured[i]["attn_cond"] = float(condition_numbers(output).median())
+    def observe(i: int, t: dict[str, torch.Tensor]) -> None:
+        probs = (t["q"] * vit.blocks[i].attn.scale @ t["k"].transpose(-2, -1)).softmax(dim=-1)
+        captured[i]["entropy"] = attention_entropy(probs.float())
+        captured[i]["attn_cond"] = float(condition_numbers(t["attn"]).median())
+        captured[i]["block_cond"] = float(condition_numbers(t["block"]).median())
 
-        def on_block(module, args, output, i=i):
-            captured[i]["block_cond"] = float(condition_numbers(output).median())
-
-        hooks += [block.attn.register_forward_hook(on_attn), block.register_forward_hook(on_block)]
     inputs: dict = {}
 
     def on_input(module, args):  # the tokens entering the first block (after any preconditioning)
         inputs["input_cond"] = float(condition_numbers(args[0][:, vit.num_prefix_tokens :]).median())
 
-    hooks.append(vit.norm_pre.register_forward_pre_hook(on_input))
+    hook = vit.norm_pre.register_forward_pre_hook(on_input)
     was_training = vit.training
     vit.eval()
     try:
-        forward_tokens(vit, images)
+        forward_tokens(vit, images, observe=observe)
     finally:
         vit.train(was_training)
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     return [{"block": i, **inputs, **values} for i, values in enumerate(captured)]
 
 

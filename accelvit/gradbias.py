@@ -219,7 +219,7 @@ def summarize(raw: dict, flops: dict[Setting, float] | None = None) -> list[dict
     rows = []
     for setting, vec, scalars in raw["strategies"]:
         cost = scalars[0, 3].item() / (k * full_seconds) if full_seconds > 0 else float("nan")
-        row: dict = {"keep": setting.keep, "patch": setting.patch, "cost": cost}
+        row: dict = {"keep": setting.keep, "patch": setting.patch, "merge": setting.merge, "cost": cost}
         if flops is not None:
             row["flops"] = flops[setting]
         per_group = {}
@@ -262,7 +262,7 @@ def default_strategies(base: int, allowed: list[int]) -> list[Setting]:
 
 
 def strategies_or_default(text: str | None, base: int, allowed: list[int]) -> list[Setting]:
-    """The keep:patch strategies of `text`, or the default grid when it is empty."""
+    """The keep:patch[:merge] strategies of `text`, or the default grid when it is empty."""
     from accelvit.schedule import parse_strategies
 
     return parse_strategies(text) if text else default_strategies(base, allowed)
@@ -327,8 +327,10 @@ def estimate_model(
     started = time.perf_counter()
     allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
     for s in strategies:
-        if not (0 < s.keep <= 1) or s.patch not in allowed:
-            raise ValueError(f"strategy {s.keep}:{s.patch}: keep must be in (0, 1], patch one of {allowed}")
+        if not (0 < s.keep <= 1) or s.patch not in allowed or not 0 <= s.merge <= 0.5:
+            raise ValueError(
+                f"strategy {s.label}: keep must be in (0, 1], patch one of {allowed}, merge in [0, 0.5]"
+            )
     shape = vit_shape(model.backbone, cfg.model.image_size)
     rank, world = accelerator.process_index, accelerator.num_processes
     images = images if images is not None else load_dataset(cfg.data)  # the run passes its own

@@ -12,13 +12,13 @@ online (`schedule.mode: adaptive`: the run measures and decides at each stage).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 from accelvit.config import ConfigError
-from accelvit.schedule import Setting
+from accelvit.schedule import Setting, setting_of
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,11 @@ class Choice:
 
     def to_dict(self) -> dict:
         return {
-            "keep": self.setting.keep,
-            "patch": self.setting.patch,
+            **asdict(self.setting),
             "ca_mse": self.ca_mse,
             "runner_up": None
             if self.runner_up is None
-            else {
-                "keep": self.runner_up.keep,
-                "patch": self.runner_up.patch,
-                "ca_mse": self.runner_up_ca_mse,
-            },
+            else {**asdict(self.runner_up), "ca_mse": self.runner_up_ca_mse},
             "margin": self.margin,
         }
 
@@ -61,7 +56,7 @@ def ca_mse_table(report: dict, base_patch: int, cost: Callable[[Setting], float]
         raise ConfigError(f"grad-error report of step {report.get('step')} has no strategies")
     table = {Setting(1.0, base_patch): rows[0]["variance_full"]}
     for row in rows:
-        setting = Setting(float(row["keep"]), int(row["patch"]))
+        setting = setting_of(row)
         if setting == Setting(1.0, base_patch):
             continue
         table[setting] = row["ca_mse"] if cost is None else row["bias_sq"] + cost(setting) * row["variance"]
@@ -70,12 +65,13 @@ def ca_mse_table(report: dict, base_patch: int, cost: Callable[[Setting], float]
 
 def choose(table: dict[Setting, float], allowed: Callable[[Setting], bool] = lambda s: True) -> Choice:
     """The strategy with the lowest CA-MSE among the allowed ones, and the runner-up."""
-    ranked = sorted((value, s.patch, -s.keep, s) for s, value in table.items() if allowed(s))
+    # ties go to the least compressed: smaller patch, higher keep, less merging
+    ranked = sorted((value, s.patch, -s.keep, s.merge, s) for s, value in table.items() if allowed(s))
     if not ranked:
         raise ValueError("no strategy is allowed")
     best = ranked[0]
     second = ranked[1] if len(ranked) > 1 else None
-    return Choice(best[3], best[0], second[3] if second else None, second[0] if second else None)
+    return Choice(best[-1], best[0], second[-1] if second else None, second[0] if second else None)
 
 
 def choose_stage(
@@ -99,10 +95,10 @@ def plan(reports: list[dict], base_patch: int, cost: str = "measured") -> list[t
         raise ConfigError(f"--cost {cost!r}: expected measured or flops")
     stages = []
     for report in sorted(reports, key=lambda r: r["progress"]):
-        flops = {(r["keep"], r["patch"]): r["flops"] for r in report["strategies"]}
+        flops = {setting_of(r): r["flops"] for r in report["strategies"]}
 
         def by_flops(s: Setting, flops: dict = flops) -> float:
-            return flops[(s.keep, s.patch)]
+            return flops[s]
 
         stages.append(
             (
@@ -117,12 +113,11 @@ def plan(reports: list[dict], base_patch: int, cost: str = "measured") -> list[t
 
 
 def schedule_from_plan(stages: list[tuple[float, Choice]]) -> dict:
-    """A `step` schedule (keep and patch) that a recipe can include; the first stage starts at 0."""
+    """A `step` schedule (keep, patch, and merge if a stage merges) that a recipe can include; the
+    first stage starts at 0."""
     points = [(0.0 if i == 0 else p, c.setting) for i, (p, c) in enumerate(stages)]
-    return {
-        "keep": {"shape": "step", "points": [[p, s.keep] for p, s in points]},
-        "patch": {"shape": "step", "points": [[p, s.patch] for p, s in points]},
-    }
+    knobs = ["keep", "patch"] + (["merge"] if any(s.merge for _, s in points) else [])
+    return {k: {"shape": "step", "points": [[p, getattr(s, k)] for p, s in points]} for k in knobs}
 
 
 def write_schedule(path: Path, schedule: dict, sources: list[str]) -> None:
@@ -137,11 +132,10 @@ def write_schedule(path: Path, schedule: dict, sources: list[str]) -> None:
 def format_plan(stages: list[tuple[float, Choice]]) -> str:
     lines = [f"{'from':>6}  {'choice':>10}  {'CA-MSE':>10}  {'runner-up':>10}  {'CA-MSE':>10}  {'margin':>7}"]
     for progress, c in stages:
-        up = f"{c.runner_up.keep:g}:{c.runner_up.patch}" if c.runner_up else "-"
+        up = c.runner_up.label if c.runner_up else "-"
         up_value = f"{c.runner_up_ca_mse:10.3e}" if c.runner_up_ca_mse is not None else f"{'-':>10}"
         margin = f"{c.margin:7.1%}" if c.margin is not None else f"{'-':>7}"
         lines.append(
-            f"{progress:6.2f}  {c.setting.keep:>6g}:{c.setting.patch:<3d}  {c.ca_mse:10.3e}  {up:>10}  "
-            f"{up_value}  {margin}"
+            f"{progress:6.2f}  {c.setting.label:>10}  {c.ca_mse:10.3e}  {up:>10}  {up_value}  {margin}"
         )
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from accelvit.budget import ScheduleRow, mean_cost
+from accelvit.schedule import setting_of
 
 
 def format_schedule(
@@ -18,10 +19,12 @@ def format_schedule(
     Units: budget units per image of a step; cost: relative to the same step without compression.
     `measured`: the same run simulated with costs timed on this machine.
     """
-    lines = [f"{'progress':>8} {'step':>8} {'keep':>6} {'patch':>5} {'tokens':>6} {'units':>7} {'cost':>6}"]
+    names = {"progress": 8, "step": 8, "keep": 6, "patch": 5, "merge": 5, "tokens": 6, "units": 7, "cost": 6}
+    lines = [" ".join(f"{name:>{width}}" for name, width in names.items())]
     for r in rows:
+        s = r.setting
         lines.append(
-            f"{r.progress:8.3f} {r.step:8d} {r.setting.keep:6.3f} {r.setting.patch:5d} "
+            f"{r.progress:8.3f} {r.step:8d} {s.keep:6.3f} {s.patch:5d} {s.merge:5.2f} "
             f"{r.tokens:6d} {r.units:7.3f} {r.cost:6.3f}"
         )
     for label, run in (("flops", every), ("measured", measured or [])):
@@ -36,19 +39,19 @@ def format_schedule(
 
 
 def plot_schedule(rows: list[ScheduleRow], path: Path, title: str = "") -> Path:
-    """Keep ratio, patch size and relative cost against progress, as a PNG."""
+    """Keep ratio, patch size, merge fraction (if any) and relative cost against progress, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     progress = [r.progress for r in rows]
-    fig, axes = plt.subplots(3, 1, figsize=(6, 6), sharex=True)
-    for ax, values, label in (
-        (axes[0], [r.setting.keep for r in rows], "keep ratio"),
-        (axes[1], [r.setting.patch for r in rows], "patch size"),
-        (axes[2], [r.cost for r in rows], "relative cost"),
-    ):
+    series = [([r.setting.keep for r in rows], "keep ratio"), ([r.setting.patch for r in rows], "patch size")]
+    if any(r.setting.merge for r in rows):
+        series.append(([r.setting.merge for r in rows], "merge per block"))
+    series.append(([r.cost for r in rows], "relative cost"))
+    fig, axes = plt.subplots(len(series), 1, figsize=(6, 2 * len(series)), sharex=True)
+    for ax, (values, label) in zip(axes, series, strict=True):
         ax.step(progress, values, where="post")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -61,7 +64,18 @@ def plot_schedule(rows: list[ScheduleRow], path: Path, title: str = "") -> Path:
 # ---------------------------------------------------------------------------------------------
 # Gradient-error reports
 
-GRAD_COLUMNS = ("keep", "patch", "flops", "cost", "bias_sq", "relative_bias", "variance", "cosine", "ca_mse")
+GRAD_COLUMNS = (
+    "keep",
+    "patch",
+    "merge",
+    "flops",
+    "cost",
+    "bias_sq",
+    "relative_bias",
+    "variance",
+    "cosine",
+    "ca_mse",
+)
 
 
 def grad_table(report: dict) -> str:
@@ -90,7 +104,7 @@ def grad_table(report: dict) -> str:
     ]
     for row in rows:
         cells = [_fmt(row["groups"][g]["bias_sq"]) for g in groups]
-        glines.append(f"| {row['keep']}:{row['patch']} | " + " | ".join(cells) + " |")
+        glines.append(f"| {setting_of(row).label} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines + glines) + "\n"
 
 
@@ -114,7 +128,7 @@ def plot_grad_report(reports: list[dict], path: Path, labels: list[str]) -> Path
         for ax, key in zip(axes, ("bias_sq", "ca_mse"), strict=True):
             ax.scatter(cost, [r[key] for r in rows], label=label)
             for r, c in zip(rows, cost, strict=True):
-                ax.annotate(f"{r['keep']}:{r['patch']}", (c, r[key]), fontsize=7)
+                ax.annotate(setting_of(r).label, (c, r[key]), fontsize=7)
     for ax, title in zip(
         axes, ("bias² (unbiased estimate)", "CA-MSE = bias² + cost × variance"), strict=True
     ):
@@ -160,7 +174,8 @@ def load_grad_report(path: Path, schema: str) -> dict:
 def compare_table(reports: list[dict], labels: list[str]) -> str:
     """Strategies x reports for bias², relative bias, cosine, CA-MSE and cost; best per report marked."""
     keys = sorted(
-        {(r["keep"], r["patch"]) for rep in reports for r in rep["strategies"]}, key=lambda t: (t[1], -t[0])
+        {setting_of(r) for rep in reports for r in rep["strategies"]},
+        key=lambda s: (s.patch, -s.keep, s.merge),
     )
     out = []
     for metric in ("bias_sq", "relative_bias", "cosine", "ca_mse", "cost"):
@@ -170,17 +185,16 @@ def compare_table(reports: list[dict], labels: list[str]) -> str:
             "| strategy | " + " | ".join(labels) + " |",
             "|" + "---|" * (len(labels) + 1),
         ]
-        for keep, patch in keys:
+        for setting in keys:
             cells = []
             for rep in reports:
-                rows = {(r["keep"], r["patch"]): r for r in rep["strategies"]}
-                row = rows.get((keep, patch))
+                row = {setting_of(r): r for r in rep["strategies"]}.get(setting)
                 best = min(rep["strategies"], key=lambda r: r["ca_mse"])
                 cell = _fmt(row[metric]) if row else ""
                 if row is best and metric == "ca_mse":
                     cell = f"**{cell}**"
                 cells.append(cell)
-            out.append(f"| {keep}:{patch} | " + " | ".join(cells) + " |")
+            out.append(f"| {setting.label} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 

@@ -1,4 +1,4 @@
-"""The schedule engine: training progress (0 -> 1) to a compression setting (keep, patch).
+"""The schedule engine: training progress (0 -> 1) to a compression setting (keep, patch, merge).
 
 Pure and deterministic: the setting is a function of progress (and, for the adaptive schedule, of the
 decisions recorded so far), so resuming a run needs only its checkpointed TrainState. The learning
@@ -15,10 +15,21 @@ from accelvit.config import OptimConfig, RampConfig, ScheduleConfig, allowed_pat
 
 @dataclass(frozen=True)
 class Setting:
-    """A compression setting: keep ratio of patch tokens and patch size in pixels."""
+    """A compression setting: keep ratio of patch tokens, patch size in pixels, and the fraction of
+    patch tokens each block merges away (ToMe; 0: no merging)."""
 
     keep: float
     patch: int
+    merge: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """keep:patch, or keep:patch:merge when it merges (the strategy syntax)."""
+        return f"{self.keep:g}:{self.patch}" + (f":{self.merge:g}" if self.merge else "")
+
+    def full_tokens(self) -> Setting:
+        """The same patch size with every token kept and none merged (momentum encoders)."""
+        return Setting(1.0, self.patch)
 
 
 def ramp_value(ramp: RampConfig, progress: float, default: float | None = None) -> float:
@@ -59,14 +70,20 @@ def patch_for_size(patch: int, size: int, base_patch: int) -> int:
 
 
 def parse_strategies(text: str) -> list[Setting]:
-    """'1.0:16,0.5:16,0.25:32' -> settings (keep:patch pairs)."""
+    """'1.0:16,0.5:16,0.25:32,1:16:0.2' -> settings (keep:patch or keep:patch:merge)."""
     out = []
     for item in text.split(","):
-        keep, sep, patch = item.strip().partition(":")
+        fields = item.strip().split(":")
         try:
-            out.append(Setting(float(keep), int(patch)))
+            if len(fields) not in (2, 3):
+                raise ValueError
+            out.append(
+                Setting(float(fields[0]), int(fields[1]), float(fields[2]) if len(fields) == 3 else 0.0)
+            )
         except ValueError:
-            raise ValueError(f"--strategies: {item!r} is not keep:patch (e.g. 0.5:16)") from None
+            raise ValueError(
+                f"--strategies: {item!r} is not keep:patch[:merge] (e.g. 0.5:16 or 1:16:0.2)"
+            ) from None
     return out
 
 
@@ -77,6 +94,7 @@ def setting_at(cfg: ScheduleConfig, progress: float, image_size: int, base_patch
     return Setting(
         keep=min(max(keep, 1e-6), 1.0),
         patch=snap_patch(patch, allowed_patch_sizes(image_size, base_patch)),
+        merge=min(max(ramp_value(cfg.merge, progress, default=0.0), 0.0), 0.5),
     )
 
 
@@ -98,8 +116,13 @@ def current_setting(
 ) -> Setting:
     """The setting in force: the latest adaptive decision if any was made, else the ramps."""
     if cfg.mode == "adaptive" and decisions:
-        return Setting(decisions[-1]["keep"], decisions[-1]["patch"])
+        return setting_of(decisions[-1])
     return setting_at(cfg, progress, image_size, base_patch)
+
+
+def setting_of(decision: dict) -> Setting:
+    """The setting a record names: an adaptive decision, a report row (keep, patch, merge if any)."""
+    return Setting(decision["keep"], decision["patch"], decision.get("merge", 0.0))
 
 
 def due_points(points: list[float], progress: float, done: list[float]) -> list[float]:

@@ -57,7 +57,7 @@ from accelvit.gradbias import estimate_model, strategies_or_default
 from accelvit.objectives import OBJECTIVES, buffer_restorer
 from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
-from accelvit.schedule import Setting, current_setting, due_points, lr_at
+from accelvit.schedule import Setting, current_setting, due_points, lr_at, setting_of
 
 
 @dataclass
@@ -231,8 +231,8 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                     if main:
                         _write_decisions(run_dir, state.decisions)
                         bar.write(
-                            f"stage {stage:g} (step {state.step}): keep {decision['keep']:g}, "
-                            f"patch {decision['patch']} (CA-MSE {decision['ca_mse']:.3e})"
+                            f"stage {stage:g} (step {state.step}): {setting_of(decision).label} "
+                            f"(keep:patch[:merge], CA-MSE {decision['ca_mse']:.3e})"
                         )
 
             # Compression setting and learning rate at this point of training
@@ -273,6 +273,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                         loss="skipped" if record["loss"] is None else f"{record['loss']:.4f}",
                         keep=f"{setting.keep:.2f}",
                         patch=setting.patch,
+                        **({"merge": f"{setting.merge:.2f}"} if setting.merge else {}),
                         img_s=f"{record['images_per_s']:.0f}",
                     )
 
@@ -336,6 +337,7 @@ def _log_record(
         "lr": lr,
         "keep": round(setting.keep, 6),
         "patch": setting.patch,
+        "merge": round(setting.merge, 6),
         "tokens": tokens_per_view(shape, setting),
         "budget_spent": state.budget_spent,
         **{k: v for k, v in extra.items() if v},
@@ -451,7 +453,7 @@ def _decide(
     report = estimate_model(
         accelerator.unwrap_model(model), cfg, accelerator, candidates, k, state.step, progress, images
     )
-    previous = Setting(state.decisions[-1]["keep"], state.decisions[-1]["patch"]) if state.decisions else None
+    previous = setting_of(state.decisions[-1]) if state.decisions else None
     choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone)
     # the estimator ran K batches of `batch` images at full input and at every candidate
     units = k * batch * sum(cost(s) for s in [Setting(1.0, base), *candidates])

@@ -74,10 +74,12 @@ def test_set_overrides_parse_yaml(tiny_recipe):
         (["train.precision=fp8"], "train.precision = 'fp8'"),
         (["objective.name=byol"], "objective.name = 'byol': expected one of ['dino', 'mocov3', 'simclr']"),
         (["schedule.dropout_views=key"], "schedule.dropout_views = 'key'"),
+        (["schedule.merge=0.7"], "schedule.merge.start = 0.7: merge fraction must be in [0, 0.5]"),
         (["train.grad_error_at=[0.5, 1.0]"], "train.grad_error_at[1] = 1.0: must be a progress in [0, 1)"),
         (
             ["train.grad_error_strategies=0.5:5"],
-            "train.grad_error_strategies = '0.5:5': expected keep:patch, keep in (0, 1], patch one of [4, 8, 16]",
+            "train.grad_error_strategies = '0.5:5': expected keep:patch[:merge], keep in (0, 1], "
+            "patch one of [4, 8, 16]",
         ),
         (
             ["objective.local_crop_size=6"],
@@ -91,7 +93,7 @@ def test_set_overrides_parse_yaml(tiny_recipe):
         (["optim.decay=step"], "optim.decay = 'step': expected cosine or poly"),
         (["schedule.mode=auto"], "schedule.mode = 'auto': expected fixed or adaptive"),
         (["schedule.stages=[0.5, 0.25]"], "schedule.stages[1] = 0.25: must increase in [0, 1)"),
-        (["schedule.candidates=0.5:3"], "schedule.candidates = '0.5:3': expected keep:patch"),
+        (["schedule.candidates=0.5:3"], "schedule.candidates = '0.5:3': expected keep:patch[:merge]"),
         (["schedule.file=/nonexistent/plan.yaml"], "schedule.file file not found: /nonexistent/plan.yaml"),
     ],
 )

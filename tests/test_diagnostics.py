@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -45,7 +46,24 @@ def test_blocks_of_a_vit_with_zero_queries_and_keys_attend_uniformly():
         assert r["entropy"] == pytest.approx(1.0, abs=1e-6)
         assert r["attn_cond"] >= 1.0 and r["block_cond"] >= 1.0
     assert vit.training  # the mode is restored
-    assert all(not block.attn._forward_hooks for block in vit.blocks)
+    assert not vit.norm_pre._forward_pre_hooks
+
+
+def test_every_architecture_option_is_measured_per_block():
+    torch.manual_seed(0)
+    plain = build_backbone(TINY)
+    x = torch.randn(4, 3, 16, 16)
+    expected = measure_blocks(plain, x)
+    for options in ({"value_residual": True, "value_lambdas": [1.0, 0.0]}, {"attn_skip": False}):
+        other = build_backbone(dataclasses.replace(TINY, **options))
+        other.load_state_dict(plain.state_dict(), strict=False)
+        rows = measure_blocks(other, x)
+        assert [sorted(r) for r in rows] == [sorted(r) for r in expected]
+        if "value_residual" in options:  # the same model as the plain one: the same numbers
+            for row, exp in zip(rows, expected, strict=True):
+                assert row == pytest.approx(exp, rel=1e-5)
+        else:
+            assert rows[1]["entropy"] != pytest.approx(expected[1]["entropy"])
 
 
 def test_pretraining_logs_diagnostics_and_resume_keeps_them_once(tmp_path, tiny_recipe):

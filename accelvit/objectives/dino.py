@@ -66,19 +66,21 @@ class DINO(nn.Module):
     def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
         """Loss of 2 global views (B, C, H, W) and any number of smaller local views."""
         global_views, local_views = views[:2], views[2:]
-        keep, patch = setting.keep, setting.patch
+        keep, patch, merge = setting.keep, setting.patch, setting.merge
         with torch.no_grad():
-            teacher_keep = keep if self.drop_teacher else 1.0
+            t = setting if self.drop_teacher else setting.full_tokens()
             teacher = self.teacher_head(
-                forward_features(self.teacher_backbone, torch.cat(global_views), teacher_keep, patch)
+                forward_features(self.teacher_backbone, torch.cat(global_views), t.keep, t.patch, t.merge)
             ).chunk(2)
         student = list(
-            self.head(forward_features(self.backbone, torch.cat(global_views), keep, patch)).chunk(2)
+            self.head(forward_features(self.backbone, torch.cat(global_views), keep, patch, merge)).chunk(2)
         )
         if local_views:
             size = local_views[0].shape[-1]
             local_patch = patch_for_size(patch, size, base_patch_size(self.backbone))
-            local = self.head(forward_features(self.backbone, torch.cat(local_views), keep, local_patch))
+            local = self.head(
+                forward_features(self.backbone, torch.cat(local_views), keep, local_patch, merge)
+            )
             student += list(local.chunk(len(local_views)))
         return self.criterion(list(teacher), student, teacher_temp=self.teacher_temp(progress))
 

@@ -73,12 +73,12 @@ class MoCoV3(nn.Module):
         """Symmetric loss of two views (B, C, H, W): each view is the query once."""
         x = torch.cat(views)
         query = self.prediction(
-            self.projection(forward_features(self.backbone, x, setting.keep, setting.patch))
+            self.projection(forward_features(self.backbone, x, setting.keep, setting.patch, setting.merge))
         )
         with torch.no_grad():
-            key_keep = setting.keep if self.drop_keys else 1.0
+            k = setting if self.drop_keys else setting.full_tokens()
             key = self.momentum_projection(
-                forward_features(self.momentum_backbone, x, key_keep, setting.patch)
+                forward_features(self.momentum_backbone, x, k.keep, k.patch, k.merge)
             )
         q0, q1 = query.chunk(2)
         k0, k1 = key.chunk(2)

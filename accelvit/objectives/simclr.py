@@ -1,6 +1,6 @@
 """SimCLR (Chen et al., ICML 2020): two views, projection head, NT-Xent loss.
 
-Both views carry gradients, so both are compressed (token dropout and patch scaling alike).
+Both views carry gradients, so both are compressed (token dropout, merging and patch scaling alike).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class SimCLR(nn.Module):
     def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
         """Loss for two batches of views, each (B, C, H, W); one backbone pass over both."""
         x0, x1 = views
-        z = self.head(forward_features(self.backbone, torch.cat([x0, x1]), setting.keep, setting.patch))
+        x = torch.cat([x0, x1])
+        z = self.head(forward_features(self.backbone, x, setting.keep, setting.patch, setting.merge))
         z0, z1 = z.chunk(2)
         return self.criterion(z0, z1)
 
