@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import grad_error_cost, overhead, throughput, time_to_accuracy
+from benchmarks import compression_study, grad_error_cost, overhead, throughput, time_to_accuracy
 
 ENVIRONMENT = {"benchmark", "device", "threads", "versions"}
 
@@ -83,3 +83,24 @@ def test_speedup_is_the_smallest_accelerated_budget_reaching_the_baseline():
     }
     rows[3]["knn_top1"] = rows[4]["knn_top1"] = 0.65
     assert time_to_accuracy.speedup(rows) == {"target": 0.7, "reached": False, "best_accel": 0.65}
+
+
+def test_compression_study_smoke(tmp_path):
+    out = tmp_path / "study.json"
+    result = written(out, compression_study.main(["--smoke", "--batches", "2", "-o", str(out)]))
+    runs = {r["run"]: r for r in result["runs"]}
+    assert list(runs) == ["baseline", "dropout", "patch", "merge"]
+    assert all(0 <= r["knn_top1"] <= 1 and r["budget"] == runs["baseline"]["budget"] for r in runs.values())
+    assert all(r["steps"] > runs["baseline"]["steps"] for name, r in runs.items() if name != "baseline")
+    rows = result["grad_error"]["strategies"]
+    # dropout, patch scaling and merging side by side, the merge fractions matched to dropout's FLOPs
+    assert [(r["keep"], r["patch"], r["merge"] > 0) for r in rows] == [
+        (0.5, 4, False),
+        (1.0, 4, True),
+        (0.25, 4, False),
+        (1.0, 8, False),
+        (0.5, 4, True),
+    ]
+    assert abs(rows[1]["flops"] - rows[0]["flops"]) < 0.05 and abs(rows[4]["flops"] - rows[2]["flops"]) < 0.05
+    assert (tmp_path / "study-grad_error.md").exists() and (tmp_path / "study-entropy.png").stat().st_size > 0
+    assert len(result["final_entropy"]["merge"]) == 2  # one entropy per block
