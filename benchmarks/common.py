@@ -22,6 +22,13 @@ SMOKE_RECIPE = [  # --set overrides that turn a recipe into a seconds-long run o
     "train.batch_size=8",
 ]
 
+BUDGETED_RUN = [  # --set overrides of a benchmark's budgeted run: no steps, no online eval, one checkpoint
+    "train.steps=null",
+    "train.eval_every=null",
+    "train.checkpoint_every=1000000",
+    "train.log_every=10",
+]
+
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

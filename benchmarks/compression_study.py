@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import REPO, RESULTS, SMOKE_RECIPE, write_result  # noqa: E402
+from benchmarks.common import BUDGETED_RUN, REPO, RESULTS, SMOKE_RECIPE, write_result  # noqa: E402
 from benchmarks.time_to_accuracy import full_step_units, train_and_eval  # noqa: E402
 
 RECIPE = REPO / "recipes/simclr-fmnist-baseline.yaml"
@@ -95,15 +95,10 @@ def equal_cost_strategies(cfg) -> str:
 def main(argv: list[str] | None = None) -> dict:
     from accelvit.cli import main as cli
     from accelvit.config import load_config
-    from accelvit.report import plot_diagnostics
+    from accelvit.report import GRAD_COLUMNS, plot_diagnostics
 
     args = parse_args(argv)
-    common = [
-        "train.steps=null",
-        "train.eval_every=null",
-        "train.checkpoint_every=1000000",
-        "train.log_every=10",
-    ]
+    common = [*BUDGETED_RUN]
     common += SMOKE if args.smoke else ([] if args.full else QUICK)
     steps = args.budget_steps or (4 if args.smoke else 300)
     budget = steps * full_step_units(RECIPE, common)
@@ -144,23 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": rows,
         "grad_error": {
             "report": report_path.name,
-            "strategies": [
-                {
-                    k: r[k]
-                    for k in (
-                        "keep",
-                        "patch",
-                        "merge",
-                        "flops",
-                        "cost",
-                        "bias_sq",
-                        "relative_bias",
-                        "cosine",
-                        "ca_mse",
-                    )
-                }
-                for r in report["strategies"]
-            ],
+            "strategies": [{k: r.get(k) for k in GRAD_COLUMNS} for r in report["strategies"]],
         },
         "entropy_figure": figure.name,
         "final_entropy": {k: [b["entropy"] for b in v[-1]["blocks"]] for k, v in diagnostics.items()},

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import REPO, SMOKE_RECIPE, write_result  # noqa: E402
+from benchmarks.common import BUDGETED_RUN, REPO, SMOKE_RECIPE, write_result  # noqa: E402
 
 QUICK = ["model.depth=4", "train.batch_size=64", "eval.train_limit=5000", "eval.test_limit=1000"]
 SMOKE = [
@@ -98,13 +98,7 @@ def speedup(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    common = [
-        "train.steps=null",
-        "train.eval_every=null",
-        "train.checkpoint_every=1000000",
-        "train.log_every=10",
-        f"data.augment={args.augment}",
-    ]
+    common = [*BUDGETED_RUN, f"data.augment={args.augment}"]
     if args.quick:
         common += QUICK
     if args.smoke:
