@@ -4,7 +4,8 @@ The plain step is written here the way lightly's own SimCLR example writes it (t
 `SimCLRProjectionHead`, `NTXentLoss`, AdamW). accelvit's step is `train.train_step`, the loop's own
 (resampled-kernel patch embedding, finiteness check, buffer snapshot), through an `Accelerator`. Both
 start from the same weights and take the same batch; steps alternate, and the ratio of the medians
-is reported (target <= 1.03), with peak memory on a GPU.
+is reported (target <= 1.03), with peak memory: allocated on a GPU, resident (RSS, each step in a
+fresh process) on a CPU.
 
     python -m benchmarks.overhead            # ViT-Tiny, 64 px, patch 8, batch 64 (CPU)
     python -m benchmarks.overhead --smoke
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
+from accelvit.config import ModelConfig, ObjectiveConfig, OptimConfig  # noqa: E402
 from benchmarks.common import device, synchronize, write_result  # noqa: E402
 
 
@@ -46,7 +48,8 @@ def plain_lightly_step(vit, head, criterion, optimizer, x0, x1) -> None:
     optimizer.zero_grad()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_steps(args: argparse.Namespace) -> dict:
+    """The two steps, {"accelvit": fn, "lightly": fn}, from the same weights on the same batch."""
     import copy
 
     import timm
@@ -55,19 +58,12 @@ def main(argv: list[str] | None = None) -> dict:
     from lightly.models.modules import SimCLRProjectionHead
 
     from accelvit.backbone import build_backbone
-    from accelvit.config import ModelConfig, ObjectiveConfig, OptimConfig
     from accelvit.objectives import OBJECTIVES
     from accelvit.schedule import Setting
     from accelvit.train import build_optimizer, train_step
 
-    args = parse_args(argv)
-    extra = {}
-    if args.smoke:
-        args.image_size, args.patch, args.batch, args.warmup, args.rounds = 16, 4, 8, 1, 2
-        extra = {"embed_dim": 32, "depth": 2, "num_heads": 2}
     dev = device()
-    model_cfg = ModelConfig(arch=args.arch, image_size=args.image_size, patch_size=args.patch, **extra)
-    objective_cfg = ObjectiveConfig()
+    model_cfg, objective_cfg = model_config(args), ObjectiveConfig()
 
     # accelvit
     accelerator = Accelerator(cpu=dev.type == "cpu")
@@ -79,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # plain lightly + timm, same weights
     vit = timm.create_model(
-        args.arch, num_classes=0, img_size=args.image_size, patch_size=args.patch, **extra
+        args.arch, num_classes=0, img_size=args.image_size, patch_size=args.patch, **model_extra(args)
     ).to(dev)
     head = SimCLRProjectionHead(vit.num_features, objective_cfg.hidden_dim, objective_cfg.out_dim).to(dev)
     vit.load_state_dict(
@@ -91,12 +87,47 @@ def main(argv: list[str] | None = None) -> dict:
 
     x0, x1 = (torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev) for _ in range(2))
     setting = Setting(1.0, args.patch)
+    return {
+        "accelvit": lambda: train_step(accelerator, model, optimizer, [x0, x1], setting, 0.5, None, "no"),
+        "lightly": lambda: plain_lightly_step(vit, head, criterion, plain_optimizer, x0, x1),
+    }
 
-    def ours() -> None:
-        train_step(accelerator, model, optimizer, [x0, x1], setting, 0.5, None, "no")
 
-    def plain() -> None:
-        plain_lightly_step(vit, head, criterion, plain_optimizer, x0, x1)
+def model_extra(args: argparse.Namespace) -> dict:
+    return {"embed_dim": 32, "depth": 2, "num_heads": 2} if args.smoke else {}
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(arch=args.arch, image_size=args.image_size, patch_size=args.patch, **model_extra(args))
+
+
+def peak_rss_mib(args: argparse.Namespace, name: str) -> float:
+    """CPU: peak resident memory of a fresh process that builds both steps and runs only `name`'s.
+
+    Both models and the batch are built in each process, so the difference between the two
+    numbers is what the steps themselves allocate.
+    """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_run_and_measure, (args, name))
+
+
+def _run_and_measure(args: argparse.Namespace, name: str) -> float:
+    import resource
+
+    step = build_steps(args)[name]
+    for _ in range(args.warmup + 1):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.smoke:
+        args.image_size, args.patch, args.batch, args.warmup, args.rounds = 16, 4, 8, 1, 2
+    dev = device()
+    steps = build_steps(args)
 
     def timed(fn) -> tuple[float, int | None]:
         if dev.type == "cuda":
@@ -109,12 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
         return seconds, torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
 
     for _ in range(args.warmup):
-        ours()
-        plain()
-    samples: dict[str, list[tuple[float, int | None]]] = {"accelvit": [], "lightly": []}
-    for _ in range(args.rounds):
-        samples["accelvit"].append(timed(ours))
-        samples["lightly"].append(timed(plain))
+        for step in steps.values():
+            step()
+    samples: dict[str, list[tuple[float, int | None]]] = {name: [] for name in steps}
+    for _ in range(args.rounds):  # alternating, so drifts of a noisy machine hit both alike
+        for name, step in steps.items():
+            samples[name].append(timed(step))
     rows = []
     for name, values in samples.items():
         memory = [m for _, m in values if m is not None]
@@ -123,16 +154,18 @@ def main(argv: list[str] | None = None) -> dict:
                 "step": name,
                 "step_s": statistics.median(t for t, _ in values),
                 "peak_memory_mib": max(memory) / 2**20 if memory else None,
+                "peak_rss_mib": peak_rss_mib(args, name) if dev.type == "cpu" else None,
             }
         )
     ratio = rows[0]["step_s"] / rows[1]["step_s"]
-    print(f"{'step':>9} {'step_s':>8} {'peak MiB':>9}")
+    print(f"{'step':>9} {'step_s':>8} {'peak MiB':>9} {'peak RSS MiB':>13}")
     for r in rows:
         mem = f"{r['peak_memory_mib']:9.1f}" if r["peak_memory_mib"] is not None else f"{'-':>9}"
-        print(f"{r['step']:>9} {r['step_s']:8.4f} {mem}")
+        rss = f"{r['peak_rss_mib']:13.1f}" if r["peak_rss_mib"] is not None else f"{'-':>13}"
+        print(f"{r['step']:>9} {r['step_s']:8.4f} {mem} {rss}")
     print(f"accelvit / lightly: {ratio:.3f} (target <= 1.03)")
     result = {
-        "model": model_cfg.__dict__,
+        "model": model_config(args).__dict__,
         "objective": "simclr",
         "batch": args.batch,
         "rounds": args.rounds,
