@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "entropy_figure": figure.name,
         "final_entropy": {k: [b["entropy"] for b in v[-1]["blocks"]] for k, v in diagnostics.items()},
+        "entropy_curves": {
+            k: [[d["progress"], [b["entropy"] for b in d["blocks"]]] for d in v]
+            for k, v in diagnostics.items()
+        },
     }
     return write_result("compression_study", result, str(out))
 

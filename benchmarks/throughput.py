@@ -1,6 +1,6 @@
 """Training-step throughput across compression settings, against the analytic FLOPs limit.
 
-For each (keep, patch) it times a full training step of the objective (all views, loss, backward,
+For each (keep, patch[, merge]) it times a full training step of the objective (all views, loss, backward,
 AdamW, momentum update) on one fixed batch of real views, reports the median over repeated steps
 after warm-up, the speedup over the uncompressed step, the ideal speedup from the cost model (all
 encoder passes, `budget.step_flops_cost`) and the efficiency (speedup / ideal). Settings are timed
@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=8, help="base patch size")
     p.add_argument("--batch", type=int, default=64, help="images per step")
-    p.add_argument("--grid", default="1.0:8,0.5:8,0.25:8,1.0:16,0.5:16", help="keep:patch settings")
+    p.add_argument(
+        "--grid", default="1.0:8,0.5:8,0.25:8,1.0:16,0.5:16,1.0:8:0.2", help="keep:patch[:merge] settings"
+    )
     p.add_argument("--workers", type=int, default=2, help="data-loader workers for data_s")
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
     p.add_argument("--warmup", type=int, default=2)
@@ -82,7 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
         model_cfg = ModelConfig(
             arch=args.arch, image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2
         )
-        args.batch, args.grid, args.warmup, args.rounds, args.workers = 8, "1.0:4,0.5:4,1.0:8", 1, 1, 0
+        args.batch, args.grid, args.warmup, args.rounds, args.workers = (
+            8,
+            "1.0:4,0.5:4,1.0:8,1.0:4:0.25",
+            1,
+            1,
+            0,
+        )
     fmnist = DataConfig().root
     data = DataConfig(workers=args.workers) if _has_fashion_mnist(fmnist) else DataConfig(dataset="synthetic")
     cfg = Config(model=model_cfg, data=data, objective=ObjectiveConfig(name=args.objective))
@@ -129,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 "keep": setting.keep,
                 "patch": setting.patch,
+                "merge": setting.merge,
                 "tokens": tokens_per_view(shape, setting),
                 "step_s": median,
                 "data_s": data_s,
@@ -154,13 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        f"{'keep':>5} {'patch':>5} {'tokens':>6} {'step_s':>8} {'data_s':>8} {'speedup':>8} "
+        f"{'keep':>5} {'patch':>5} {'merge':>5} {'tokens':>6} {'step_s':>8} {'data_s':>8} {'speedup':>8} "
         f"{'ideal':>6} {'eff':>5}"
     ]
     for r in rows:
         lines.append(
-            f"{r['keep']:5.2f} {r['patch']:5d} {r['tokens']:6d} {r['step_s']:8.4f} {r['data_s']:8.4f} "
-            f"{r['speedup']:8.2f} {r['ideal']:6.2f} {r['efficiency']:5.2f}"
+            f"{r['keep']:5.2f} {r['patch']:5d} {r['merge']:5.2f} {r['tokens']:6d} {r['step_s']:8.4f} "
+            f"{r['data_s']:8.4f} {r['speedup']:8.2f} {r['ideal']:6.2f} {r['efficiency']:5.2f}"
         )
     return "\n".join(lines)
 

@@ -21,10 +21,13 @@ def test_throughput_smoke(tmp_path):
     out = tmp_path / "throughput.json"
     result = written(out, throughput.main(["--smoke", "-o", str(out)]))
     assert {"model", "batch", "rows", "objective", "workers"} <= set(result)
-    rows = {(r["keep"], r["patch"]): r for r in result["rows"]}
-    assert set(rows) == {(1.0, 4), (0.5, 4), (1.0, 8)}
-    assert rows[(1.0, 4)]["speedup"] == 1.0 and rows[(1.0, 4)]["ideal"] == 1.0
-    assert rows[(0.5, 4)]["tokens"] == 9 and rows[(1.0, 8)]["tokens"] == 5
+    rows = {(r["keep"], r["patch"], r["merge"]): r for r in result["rows"]}
+    assert set(rows) == {(1.0, 4, 0.0), (0.5, 4, 0.0), (1.0, 8, 0.0), (1.0, 4, 0.25)}
+    assert rows[(1.0, 4, 0.0)]["speedup"] == 1.0 and rows[(1.0, 4, 0.0)]["ideal"] == 1.0
+    assert rows[(0.5, 4, 0.0)]["tokens"] == 9 and rows[(1.0, 8, 0.0)]["tokens"] == 5
+    assert (
+        rows[(1.0, 4, 0.25)]["tokens"] == 17 and rows[(1.0, 4, 0.25)]["ideal"] > 1.0
+    )  # merged in the blocks
     assert all(r["step_s"] > 0 and r["data_s"] > 0 and r["ideal"] >= 1.0 for r in rows.values())
 
 
