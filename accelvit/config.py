@@ -625,18 +625,17 @@ def describe_defaults() -> str:
     """Every recipe key with its default and meaning, as a commented YAML recipe."""
     lines = ["# accelvit recipe: every key, its default and its meaning"]
 
-    def walk(cls: type, indent: int) -> None:
-        instance = cls()
-        for f in dataclasses.fields(cls):
+    def walk(instance: Any, indent: int) -> None:
+        for f in dataclasses.fields(instance):
             value = getattr(instance, f.name)
             pad = "  " * indent
             if dataclasses.is_dataclass(value):
                 lines.append(f"{pad}{f.name}:  # {f.metadata['doc']}")
-                walk(type(value), indent + 1)
+                walk(value, indent + 1)  # the field's own default (e.g. keep starts at 1.0)
             else:
                 text = yaml.safe_dump(value, default_flow_style=True).strip()
                 text = text.removesuffix("\n...").removesuffix("...").strip()
                 lines.append(f"{pad}{f.name}: {text}  # {f.metadata['doc']}")
 
-    walk(Config, 0)
+    walk(Config(), 0)
     return "\n".join(lines) + "\n"

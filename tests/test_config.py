@@ -27,7 +27,10 @@ def test_defaults_are_valid_and_documented():
     text = describe_defaults()
     for key in ("arch:", "image_size:", "dropout_views:", "warmup:", "keep_checkpoints:", "precision:"):
         assert key in text
-    assert yaml.safe_load(text)["train"]["batch_size"] == Config().train.batch_size
+    described = yaml.safe_load(text)
+    assert described["train"]["batch_size"] == Config().train.batch_size
+    # nested sections show their own defaults, not those of a bare RampConfig
+    assert described["schedule"]["keep"]["start"] == 1.0 and described["schedule"]["merge"]["start"] == 0.0
 
 
 def test_every_shipped_recipe_loads():
