@@ -78,7 +78,8 @@ def run_blocks(
         attn_out, q, k, v = attention(block.attn, block.norm1(x), v1, lambdas, size)
         out = block.drop_path1(block.ls1(attn_out))
         x = x + out if opts.attn_skip else out
-        v1 = v if v1 is None else v1
+        if opts.value_residual and v1 is None:
+            v1 = v
         r = merged_per_block(x.shape[1] - prefix, merge)
         if r > 0:
             matching = bipartite_soft_matching(k.mean(1), r, prefix)
