@@ -101,25 +101,26 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(arch=args.arch, image_size=args.image_size, patch_size=args.patch, **model_extra(args))
 
 
-def peak_rss_mib(args: argparse.Namespace, name: str) -> float:
-    """CPU: peak resident memory of a fresh process that builds both steps and runs only `name`'s.
-
-    Both models and the batch are built in each process, so the difference between the two
-    numbers is what the steps themselves allocate.
-    """
+def peak_rss_mib(args: argparse.Namespace, name: str | None) -> float | None:
+    """CPU: peak resident memory of a fresh process that builds both steps and runs only `name`'s
+    (None: neither, the floor both numbers share)."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_run_and_measure, (args, name))
 
 
-def _run_and_measure(args: argparse.Namespace, name: str) -> float:
-    import resource
-
-    step = build_steps(args)[name]
-    for _ in range(args.warmup + 1):
-        step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _run_and_measure(args: argparse.Namespace, name: str | None) -> float | None:
+    steps = build_steps(args)
+    for _ in range(args.warmup + 1 if name else 0):
+        steps[name]()
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec, so a spawned child would
+    # report its parent's peak
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,14 +165,19 @@ def main(argv: list[str] | None = None) -> dict:
         rss = f"{r['peak_rss_mib']:13.1f}" if r["peak_rss_mib"] is not None else f"{'-':>13}"
         print(f"{r['step']:>9} {r['step_s']:8.4f} {mem} {rss}")
     print(f"accelvit / lightly: {ratio:.3f} (target <= 1.03)")
-    result = {
+    result: dict = {
         "model": model_config(args).__dict__,
         "objective": "simclr",
         "batch": args.batch,
         "rounds": args.rounds,
         "rows": rows,
         "ratio": ratio,
+        "peak_rss_built_mib": peak_rss_mib(args, None) if dev.type == "cpu" else None,
     }
+    if result["peak_rss_built_mib"] is not None:
+        print(
+            f"peak RSS with models and batch built, before any step: {result['peak_rss_built_mib']:.1f} MiB"
+        )
     return write_result("overhead", result, args.output)
 
 

@@ -45,7 +45,7 @@ def test_overhead_smoke(tmp_path):
     result = written(out, overhead.main(["--smoke", "-o", str(out)]))
     assert [r["step"] for r in result["rows"]] == ["accelvit", "lightly"]
     assert result["ratio"] == result["rows"][0]["step_s"] / result["rows"][1]["step_s"]
-    assert all(r["peak_rss_mib"] > 100 for r in result["rows"])  # CPU: torch alone takes more than that
+    assert all(r["peak_rss_mib"] >= result["peak_rss_built_mib"] > 100 for r in result["rows"])  # CPU
 
 
 def test_grad_error_cost_smoke(tmp_path):
