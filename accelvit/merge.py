@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 MAX_MERGE = 0.5  # bipartite matching can remove at most half of the tokens per block
 
@@ -48,8 +49,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Me
     giving (B, L - r, ...): prefix tokens, unmerged A tokens in their order, then the B tokens.
     """
     with torch.no_grad():  # the matching is a discrete choice: no gradient flows through it
-        metric = metric[:, num_prefix:]
-        metric = metric / metric.norm(dim=-1, keepdim=True)
+        metric = F.normalize(metric[:, num_prefix:], dim=-1)  # eps: a zero key matches nothing, no NaN
         a, b = metric[:, ::2], metric[:, 1::2]
         node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
         order = node_max.argsort(dim=-1, descending=True)
