@@ -217,7 +217,7 @@ def measure_costs(model, views: list, settings: list[Setting], repeats: int) -> 
 
     def unit_forward() -> None:
         with torch.no_grad():
-            forward_features(backbone, views[0], 1.0, base)
+            forward_features(backbone, views[0], Setting(1.0, base))
 
     with torch.random.fork_rng(devices=[views[0].device] if views[0].device.type == "cuda" else []):
         unit = median_time(unit_forward)

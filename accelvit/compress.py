@@ -25,6 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from accelvit.arch import Observer, options, precondition_tokens, run_blocks
 from accelvit.budget import kept_patches
+from accelvit.schedule import Setting
 
 
 @functools.cache
@@ -95,39 +96,32 @@ def drop_tokens(tokens: torch.Tensor, keep: float, num_prefix: int) -> torch.Ten
 def forward_tokens(
     vit: VisionTransformer,
     images: torch.Tensor,
-    keep: float = 1.0,
-    patch: int | None = None,
-    merge: float = 0.0,
+    setting: Setting | None = None,
     observe: Observer | None = None,
 ) -> torch.Tensor:
     """Backbone forward under a compression setting.
 
     Args:
-        images: (B, C, H, W); H and W divisible by `patch`.
-        keep: fraction of patch tokens kept (1: all).
-        patch: patch size in pixels (None: the base patch size).
-        merge: fraction of patch tokens each block merges away (ToMe; 0: none).
+        images: (B, C, H, W); H and W divisible by the setting's patch size.
+        setting: keep ratio, patch size and merge fraction (None: full input at the base patch).
         observe: called with each block's intermediate tensors (see `arch.run_blocks`).
     Returns:
         Normalized tokens (B, L, D): L = prefix + round(keep * H * W / patch**2) without merging,
         fewer with it (`merge.patch_tokens_per_block`).
     """
-    x = embed_tokens(vit, images, patch or base_patch_size(vit))
+    setting = setting or Setting(1.0, base_patch_size(vit))
+    x = embed_tokens(vit, images, setting.patch)
     alpha = options(vit).precondition_alpha
     if alpha is not None and alpha < 1:
         x = precondition_tokens(x, vit.num_prefix_tokens, alpha)
-    x = drop_tokens(x, keep, vit.num_prefix_tokens)
+    x = drop_tokens(x, setting.keep, vit.num_prefix_tokens)
     x = vit.norm_pre(x)
-    x = run_blocks(vit, x, merge, observe)
+    x = run_blocks(vit, x, setting.merge, observe)
     return vit.norm(x)
 
 
 def forward_features(
-    vit: VisionTransformer,
-    images: torch.Tensor,
-    keep: float = 1.0,
-    patch: int | None = None,
-    merge: float = 0.0,
+    vit: VisionTransformer, images: torch.Tensor, setting: Setting | None = None
 ) -> torch.Tensor:
     """Pooled backbone features (B, D) under a compression setting (timm's pooling and fc_norm)."""
-    return vit.forward_head(forward_tokens(vit, images, keep, patch, merge), pre_logits=True)
+    return vit.forward_head(forward_tokens(vit, images, setting), pre_logits=True)

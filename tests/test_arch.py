@@ -14,6 +14,7 @@ from accelvit.cli import main
 from accelvit.compress import forward_tokens
 from accelvit.config import ModelConfig
 from accelvit.diagnostics import condition_numbers, measure_blocks
+from accelvit.schedule import Setting
 
 TINY = ModelConfig(
     arch="vit_tiny_patch16_224", image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2
@@ -35,9 +36,9 @@ def test_value_residual_with_fixed_one_zero_is_the_plain_vit_exactly():
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(forward_tokens(vr, x), forward_tokens(plain, x))
     torch.manual_seed(1)
-    dropped = forward_tokens(plain, x, 0.5, 8)
+    dropped = forward_tokens(plain, x, Setting(0.5, 8))
     torch.manual_seed(1)  # the same token subsets
-    assert torch.equal(forward_tokens(vr, x, 0.5, 8), dropped)
+    assert torch.equal(forward_tokens(vr, x, Setting(0.5, 8)), dropped)
     assert "value_lambdas" not in dict(vr.named_parameters())  # fixed: a buffer
 
 

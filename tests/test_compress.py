@@ -30,7 +30,7 @@ def test_keep_1_base_patch_equals_plain_timm_exactly(kwargs):
     vit = tiny_vit(**kwargs)
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(forward_features(vit, images, 1.0, 4), vit(images))
+        assert torch.equal(forward_features(vit, images, Setting(1.0, 4)), vit(images))
         assert torch.equal(forward_tokens(vit, images), vit.forward_features(images))
 
 
@@ -38,7 +38,7 @@ def test_keep_1_base_patch_equals_plain_timm_exactly(kwargs):
 @pytest.mark.parametrize("patch", [4, 8, 16])
 def test_token_counts(keep, patch):
     vit = tiny_vit()
-    tokens = forward_tokens(vit, torch.randn(2, 3, 16, 16), keep, patch)
+    tokens = forward_tokens(vit, torch.randn(2, 3, 16, 16), Setting(keep, patch))
     expected = tokens_per_view(VitShape(image_size=16, embed_dim=32, depth=2), Setting(keep, patch))
     assert tokens.shape == (2, expected, 32)
     assert expected == 1 + max(1, round(keep * (16 // patch) ** 2))
@@ -60,7 +60,7 @@ def test_token_dropout_keeps_prefix_and_a_fresh_subset_per_image():
 def test_patch_scaling_trains_the_base_kernel_and_position_embedding():
     vit = tiny_vit().train()
     base_kernel = vit.patch_embed.proj.weight
-    forward_features(vit, torch.randn(2, 3, 16, 16), keep=0.5, patch=8).square().sum().backward()
+    forward_features(vit, torch.randn(2, 3, 16, 16), Setting(0.5, 8)).square().sum().backward()
     assert base_kernel.shape == (32, 3, 4, 4)  # the module was not swapped
     assert base_kernel.grad is not None and base_kernel.grad.abs().sum() > 0
     assert vit.pos_embed.grad is not None and vit.pos_embed.grad.abs().sum() > 0
@@ -78,4 +78,4 @@ def test_patch_scaling_matches_timm_resampling_outside_training():
     state["pos_embed"] = timm.layers.resample_abs_pos_embed(state["pos_embed"], [2, 2], [4, 4])
     copy.load_state_dict(state)
     with torch.no_grad():
-        assert torch.allclose(forward_features(vit, images, 1.0, 8), copy(images), atol=1e-5)
+        assert torch.allclose(forward_features(vit, images, Setting(1.0, 8)), copy(images), atol=1e-5)

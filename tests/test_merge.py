@@ -31,10 +31,10 @@ def tiny(**options):
 def test_merge_zero_is_the_plain_forward_and_accelvits_blocks_equal_timms():
     vit, x = tiny(), torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(forward_tokens(vit, x, merge=0.0), vit.forward_features(x))
+        assert torch.equal(forward_tokens(vit, x, Setting(1.0, 2, 0.0)), vit.forward_features(x))
         # a merge fraction that rounds to no merge in every block takes accelvit's block forward
         assert merged_per_block(64, 0.007) == 0
-        torch.testing.assert_close(forward_tokens(vit, x, merge=0.007), vit.forward_features(x))
+        torch.testing.assert_close(forward_tokens(vit, x, Setting(1.0, 2, 0.007)), vit.forward_features(x))
 
 
 def test_matching_merges_the_most_similar_pair_by_size_weighted_average():
@@ -75,7 +75,9 @@ def test_proportional_attention_treats_a_merged_token_as_its_copies():
 def test_token_counts_per_block_follow_the_formula(keep, patch, merge):
     vit = tiny()
     seen = []
-    out = forward_tokens(vit, torch.randn(2, 3, 16, 16), keep, patch, merge, lambda i, t: seen.append(t["q"]))
+    out = forward_tokens(
+        vit, torch.randn(2, 3, 16, 16), Setting(keep, patch, merge), lambda i, t: seen.append(t["q"])
+    )
     patches = max(1, round(keep * (16 // patch) ** 2))
     counts = patch_tokens_per_block(patches, merge, depth=3)
     assert [q.shape[2] for q in seen] == [1 + n for n in counts[:-1]]
@@ -88,13 +90,13 @@ def test_token_counts_per_block_follow_the_formula(keep, patch, merge):
 def test_gradients_reach_every_patch_through_merged_tokens_unlike_dropout():
     vit = tiny()
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    forward_features(vit, x, merge=0.5).square().sum().backward()
+    forward_features(vit, x, Setting(1.0, 2, 0.5)).square().sum().backward()
     per_patch = x.grad.abs().unfold(2, 2, 2).unfold(3, 2, 2).sum(dim=(1, 4, 5))  # (B, 8, 8)
     assert (per_patch > 0).all()  # every patch contributes to some merged token
     assert vit.patch_embed.proj.weight.grad.abs().sum() > 0
     x.grad = None
     torch.manual_seed(0)
-    forward_features(vit, x, keep=0.25).square().sum().backward()
+    forward_features(vit, x, Setting(0.25, 2)).square().sum().backward()
     per_patch = x.grad.abs().unfold(2, 2, 2).unfold(3, 2, 2).sum(dim=(1, 4, 5))
     assert (per_patch == 0).sum() == 2 * 48  # dropout: 48 of 64 patches per image get no gradient
 
@@ -105,9 +107,12 @@ def test_value_residual_merges_the_first_blocks_values_with_the_tokens():
     fixed = tiny(value_residual=True, value_lambdas=[1.0, 0.0])
     fixed.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
-        assert torch.equal(forward_tokens(fixed, x, merge=0.3), forward_tokens(plain, x, merge=0.3))
+        merged = Setting(1.0, 2, 0.3)
+        assert torch.equal(forward_tokens(fixed, x, merged), forward_tokens(plain, x, merged))
     learnable = tiny(value_residual=True)
-    forward_tokens(learnable, x, merge=0.3).square().mean().backward()  # V_1 lines up block by block
+    forward_tokens(
+        learnable, x, Setting(1.0, 2, 0.3)
+    ).square().mean().backward()  # V_1 lines up block by block
     assert learnable.value_lambdas.grad[1:].abs().sum() > 0
 
 

@@ -66,20 +66,17 @@ class DINO(nn.Module):
     def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
         """Loss of 2 global views (B, C, H, W) and any number of smaller local views."""
         global_views, local_views = views[:2], views[2:]
-        keep, patch, merge = setting.keep, setting.patch, setting.merge
         with torch.no_grad():
-            t = setting if self.drop_teacher else setting.full_tokens()
+            teacher_setting = setting if self.drop_teacher else setting.full_tokens()
             teacher = self.teacher_head(
-                forward_features(self.teacher_backbone, torch.cat(global_views), t.keep, t.patch, t.merge)
+                forward_features(self.teacher_backbone, torch.cat(global_views), teacher_setting)
             ).chunk(2)
-        student = list(
-            self.head(forward_features(self.backbone, torch.cat(global_views), keep, patch, merge)).chunk(2)
-        )
+        student = list(self.head(forward_features(self.backbone, torch.cat(global_views), setting)).chunk(2))
         if local_views:
             size = local_views[0].shape[-1]
-            local_patch = patch_for_size(patch, size, base_patch_size(self.backbone))
+            local_patch = patch_for_size(setting.patch, size, base_patch_size(self.backbone))
             local = self.head(
-                forward_features(self.backbone, torch.cat(local_views), keep, local_patch, merge)
+                forward_features(self.backbone, torch.cat(local_views), replace(setting, patch=local_patch))
             )
             student += list(local.chunk(len(local_views)))
         return self.criterion(list(teacher), student, teacher_temp=self.teacher_temp(progress))

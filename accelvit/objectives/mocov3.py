@@ -72,14 +72,10 @@ class MoCoV3(nn.Module):
     def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
         """Symmetric loss of two views (B, C, H, W): each view is the query once."""
         x = torch.cat(views)
-        query = self.prediction(
-            self.projection(forward_features(self.backbone, x, setting.keep, setting.patch, setting.merge))
-        )
+        query = self.prediction(self.projection(forward_features(self.backbone, x, setting)))
         with torch.no_grad():
-            k = setting if self.drop_keys else setting.full_tokens()
-            key = self.momentum_projection(
-                forward_features(self.momentum_backbone, x, k.keep, k.patch, k.merge)
-            )
+            key_setting = setting if self.drop_keys else setting.full_tokens()
+            key = self.momentum_projection(forward_features(self.momentum_backbone, x, key_setting))
         q0, q1 = query.chunk(2)
         k0, k1 = key.chunk(2)
         t, gather = self.temperature, self.gather_distributed

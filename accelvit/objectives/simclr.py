@@ -33,8 +33,7 @@ class SimCLR(nn.Module):
     def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
         """Loss for two batches of views, each (B, C, H, W); one backbone pass over both."""
         x0, x1 = views
-        x = torch.cat([x0, x1])
-        z = self.head(forward_features(self.backbone, x, setting.keep, setting.patch, setting.merge))
+        z = self.head(forward_features(self.backbone, torch.cat([x0, x1]), setting))
         z0, z1 = z.chunk(2)
         return self.criterion(z0, z1)
 
