@@ -40,6 +40,9 @@ class ArchOptions:
         return not self.value_residual and self.attn_skip
 
 
+EXTRA_PARAMETERS = ("value_lambdas",)  # state-dict keys the options can add to a timm ViT (exports list them)
+
+
 def attach(vit: VisionTransformer, cfg: ModelConfig) -> VisionTransformer:
     """Record the options of `cfg` on `vit` and add the value-residual scalars they need."""
     alpha = cfg.precondition_alpha if cfg.token_precondition == "svd" else None
@@ -131,8 +134,3 @@ def precondition_tokens(tokens: torch.Tensor, num_prefix: int, alpha: float) -> 
     s_new = s.clamp_min(1e-12) ** alpha * s_max ** (1 - alpha)
     x = (u * s_new[:, None, :]) @ vh
     return torch.cat([prefix, x.to(tokens.dtype)], dim=1)
-
-
-def extra_parameters(vit: VisionTransformer) -> list[str]:
-    """State-dict keys the options add to a timm ViT (listed in exports)."""
-    return ["value_lambdas"] if options(vit).value_residual else []

@@ -483,7 +483,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         lambda v: v is None or v in allowed,
         f"patch size must be one of {allowed} (divisors of model.image_size >= model.patch_size)",
     )
-    _validate_ramp(s.merge, "schedule.merge", _merge_ok, "merge fraction must be in [0, 0.5]")
+    _validate_ramp(s.merge, "schedule.merge", _merge_ok, f"merge fraction must be in [0, {MAX_MERGE:g}]")
     _require(
         s.dropout_views in ("query", "all"),
         "schedule.dropout_views",
@@ -561,14 +561,15 @@ def _validate_strategies(text: str | None, key: str, allowed: list[int]) -> None
     for item in text.split(","):
         try:
             (setting,) = parse_strategies(item)
-            ok = 0 < setting.keep <= 1 and setting.patch in allowed and _merge_ok(setting.merge)
+            ok = setting.fits(allowed)
         except ValueError:
             ok = False
         _require(
             ok,
             key,
             item,
-            f"expected keep:patch[:merge], keep in (0, 1], patch one of {allowed}, merge in [0, 0.5]",
+            f"expected keep:patch[:merge], keep in (0, 1], patch one of {allowed}, "
+            f"merge in [0, {MAX_MERGE:g}]",
         )
 
 
@@ -577,7 +578,7 @@ def _keep_ok(value: float | None) -> bool:
 
 
 def _merge_ok(value: float | None) -> bool:
-    return value is not None and 0 <= value <= 0.5
+    return value is not None and 0 <= value <= MAX_MERGE
 
 
 def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
@@ -601,6 +602,9 @@ def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
     _require(ok(ramp.start), f"{key}.start", ramp.start, why)
     if ramp.end is not None:
         _require(ok(ramp.end), f"{key}.end", ramp.end, why)
+
+
+MAX_MERGE = 0.5  # token merging: bipartite matching can remove at most half of a block's tokens
 
 
 def allowed_patch_sizes(image_size: int, base: int) -> list[int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from accelvit.arch import EXTRA_PARAMETERS
 from accelvit.backbone import timm_kwargs
 from accelvit.checkpoint import RECIPE, latest_checkpoint, verify_checkpoint
 from accelvit.config import ConfigError, load_config
@@ -57,7 +58,7 @@ def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> 
         "arch": cfg.model.arch,
         "timm_kwargs": json.dumps(kwargs),
         "checkpoint": path.name,
-        "extra_parameters": json.dumps(sorted(k for k in backbone if k in ("value_lambdas",))),
+        "extra_parameters": json.dumps(sorted(k for k in backbone if k in EXTRA_PARAMETERS)),
         "accelvit_model": json.dumps(dataclasses.asdict(cfg.model)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -320,16 +320,17 @@ def estimate_model(
     from accelvit.augment import batch_views, view_pipeline
     from accelvit.backbone import vit_shape
     from accelvit.budget import relative_cost
-    from accelvit.config import allowed_patch_sizes
+    from accelvit.config import MAX_MERGE, allowed_patch_sizes
     from accelvit.data import StepBatchSampler, build_loader, load_dataset
     from accelvit.diagnostics import measure_blocks, probe_batch
 
     started = time.perf_counter()
     allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
     for s in strategies:
-        if not (0 < s.keep <= 1) or s.patch not in allowed or not 0 <= s.merge <= 0.5:
+        if not s.fits(allowed):
             raise ValueError(
-                f"strategy {s.label}: keep must be in (0, 1], patch one of {allowed}, merge in [0, 0.5]"
+                f"strategy {s.label}: keep must be in (0, 1], patch one of {allowed}, "
+                f"merge in [0, {MAX_MERGE:g}]"
             )
     shape = vit_shape(model.backbone, cfg.model.image_size)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -20,8 +20,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-MAX_MERGE = 0.5  # bipartite matching can remove at most half of the tokens per block
-
 
 def merged_per_block(patches: int, merge: float) -> int:
     """Patch tokens one block removes when `patches` enter it: min(round(m * n), n // 2)."""

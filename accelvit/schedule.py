@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from accelvit.config import OptimConfig, RampConfig, ScheduleConfig, allowed_patch_sizes
+from accelvit.config import MAX_MERGE, OptimConfig, RampConfig, ScheduleConfig, allowed_patch_sizes
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class Setting:
     def label(self) -> str:
         """keep:patch, or keep:patch:merge when it merges (the strategy syntax)."""
         return f"{self.keep:g}:{self.patch}" + (f":{self.merge:g}" if self.merge else "")
+
+    def fits(self, allowed_patches: list[int]) -> bool:
+        """keep in (0, 1], patch one of `allowed_patches`, merge in [0, MAX_MERGE]."""
+        return 0 < self.keep <= 1 and self.patch in allowed_patches and 0 <= self.merge <= MAX_MERGE
 
     def full_tokens(self) -> Setting:
         """The same patch size with every token kept and none merged (momentum encoders)."""
@@ -94,7 +98,7 @@ def setting_at(cfg: ScheduleConfig, progress: float, image_size: int, base_patch
     return Setting(
         keep=min(max(keep, 1e-6), 1.0),
         patch=snap_patch(patch, allowed_patch_sizes(image_size, base_patch)),
-        merge=min(max(ramp_value(cfg.merge, progress, default=0.0), 0.0), 0.5),
+        merge=min(max(ramp_value(cfg.merge, progress, default=0.0), 0.0), MAX_MERGE),
     )
 
 
