@@ -30,6 +30,14 @@ BUDGETED_RUN = [  # --set overrides of a benchmark's budgeted run: no steps, no 
 ]
 
 
+def model_shape(cfg):
+    """The cost model's `VitShape` of a recipe's backbone, built on the meta device (no weights)."""
+    from accelvit.backbone import build_backbone, vit_shape
+
+    with torch.device("meta"):
+        return vit_shape(build_backbone(cfg.model), cfg.model.image_size)
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

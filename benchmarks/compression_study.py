@@ -13,7 +13,7 @@ SimCLR with `recipes/simclr-fmnist-baseline.yaml` (a 4-block ViT-Tiny at 32 px, 
 3. Attention entropy: diagnostics every few steps of the baseline and of the dropout and merge
    curricula, plotted per block against progress: does compression move the moment attention snaps?
 
-    python -m benchmarks.compression_study            # about 6 minutes on 2 CPU cores
+    python -m benchmarks.compression_study            # about 14 minutes on 2 CPU cores
     python -m benchmarks.compression_study --smoke    # synthetic data, seconds
 """
 
@@ -23,10 +23,11 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import BUDGETED_RUN, REPO, RESULTS, SMOKE_RECIPE, write_result  # noqa: E402
+from benchmarks.common import BUDGETED_RUN, REPO, RESULTS, SMOKE_RECIPE, model_shape, write_result  # noqa: E402
 from benchmarks.time_to_accuracy import full_step_units, train_and_eval  # noqa: E402
 
 RECIPE = REPO / "recipes/simclr-fmnist-baseline.yaml"
@@ -46,34 +47,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _shape(cfg):
-    import torch
-
-    from accelvit.backbone import build_backbone, vit_shape
-
-    with torch.device("meta"):
-        return vit_shape(build_backbone(cfg.model), cfg.model.image_size)
-
-
-def _cost(cfg, keep: float = 1.0, patch: int | None = None, merge: float = 0.0) -> float:
-    """Forward FLOPs of a setting relative to the full input."""
+def relative_flops(cfg) -> Callable[..., float]:
+    """`cost(keep=1, merge=0)`: forward FLOPs at the base patch relative to the full input."""
     from accelvit.budget import relative_cost
     from accelvit.schedule import Setting
 
-    base = cfg.model.patch_size
-    return relative_cost(_shape(cfg), Setting(keep, patch or base, merge), base)
+    shape, base = model_shape(cfg), cfg.model.patch_size
+    return lambda keep=1.0, merge=0.0: relative_cost(shape, Setting(keep, base, merge), base)
 
 
-def matching_merge(cfg, target: float, keep: float = 1.0) -> float:
+def matching_merge(cost: Callable[..., float], target: float, keep: float = 1.0) -> float:
     """The merge fraction (a multiple of 0.005) whose relative forward FLOPs at `keep` are closest to
     `target`. Merging cannot go below a floor: the first block's attention sees every token."""
-    return min((i / 200 for i in range(101)), key=lambda m: abs(_cost(cfg, keep, merge=m) - target))
+    return min((i / 200 for i in range(101)), key=lambda m: abs(cost(keep, m) - target))
 
 
 def curricula(cfg) -> dict[str, list[str]]:
     """Schedules (as --set overrides) starting at keep 0.25's FLOPs, each at full input from 0.75 on."""
-    base = cfg.model.patch_size
-    m = matching_merge(cfg, _cost(cfg, keep=0.25))
+    base, cost = cfg.model.patch_size, relative_flops(cfg)
+    m = matching_merge(cost, cost(keep=0.25))
     ramp = "{shape: step, points: [[0.0, %g], [0.25, %g], [0.5, %g], [0.75, %g]]}"
     return {
         "baseline": [],
@@ -86,9 +78,9 @@ def curricula(cfg) -> dict[str, list[str]]:
 def equal_cost_strategies(cfg) -> str:
     """At keep 0.5's FLOPs: dropout and merging alone. At keep 0.25's: dropout, 2x patch, and keep 0.5
     with merging (merging alone cannot get that cheap on a shallow model)."""
-    base = cfg.model.patch_size
-    half = matching_merge(cfg, _cost(cfg, keep=0.5))
-    quarter = matching_merge(cfg, _cost(cfg, keep=0.25), keep=0.5)
+    base, cost = cfg.model.patch_size, relative_flops(cfg)
+    half = matching_merge(cost, cost(keep=0.5))
+    quarter = matching_merge(cost, cost(keep=0.25), keep=0.5)
     return f"0.5:{base},1:{base}:{half:g},0.25:{base},1:{2 * base},0.5:{base}:{quarter:g}"
 
 

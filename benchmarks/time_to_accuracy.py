@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import BUDGETED_RUN, REPO, SMOKE_RECIPE, write_result  # noqa: E402
+from benchmarks.common import BUDGETED_RUN, REPO, SMOKE_RECIPE, model_shape, write_result  # noqa: E402
 
 QUICK = ["model.depth=4", "train.batch_size=64", "eval.train_limit=5000", "eval.test_limit=1000"]
 SMOKE = [
@@ -63,17 +63,13 @@ def train_and_eval(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
 
 def full_step_units(recipe: Path, overrides: list[str]) -> float:
     """Budget units of one uncompressed step of `recipe` (per image x batch)."""
-    import torch
-
-    from accelvit.backbone import build_backbone, vit_shape
     from accelvit.budget import flops_cost_fn
     from accelvit.config import load_config
     from accelvit.objectives import OBJECTIVES
     from accelvit.schedule import Setting
 
     cfg = load_config(recipe, [*overrides, "train.budget=1"], check_paths=False)
-    with torch.device("meta"):
-        shape = vit_shape(build_backbone(cfg.model), cfg.model.image_size)
+    shape = model_shape(cfg)
     branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
     cost = flops_cost_fn(shape, branches, cfg.model.patch_size)
     return cost(Setting(1.0, cfg.model.patch_size)) * cfg.train.batch_size
