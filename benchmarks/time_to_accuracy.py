@@ -4,10 +4,13 @@ For SimCLR, MoCo-v3 and DINO it trains `recipes/OBJ-fmnist-baseline.yaml` and
 `recipes/OBJ-fmnist-accel.yaml` for budgets B, 2B, 4B, 8B (B: `--base-steps` uncompressed steps),
 evaluates each run's kNN top-1 and reports the speedup: the smallest accelerated budget whose
 accuracy reaches the baseline's at the largest budget, as a budget ratio and as a wall-clock ratio
-(the reference's ImageNet figures: 4x MoCo-v3, 3.3x SimCLR, 2.5x DINO).
+(the reference's ImageNet figures: 4x MoCo-v3, 3.3x SimCLR, 2.5x DINO). It also reports the kNN
+top-1 of the untrained backbone: early in training a run can sit below it, and a speedup measured
+there only says which run leaves that dip first.
 
-    python -m benchmarks.time_to_accuracy            # recipe-sized models, B = 10 (est. ~55 min, 2 CPU cores)
-    python -m benchmarks.time_to_accuracy --quick    # a 4-block ViT, B = 6 (9.5 min with --augment device)
+    python -m benchmarks.time_to_accuracy            # recipe-sized models, B = 10 (42 min on 2 CPU cores)
+    python -m benchmarks.time_to_accuracy --quick    # a 4-block ViT, B = 6 (9.5 min)
+    python -m benchmarks.time_to_accuracy --gpu      # batch 256, B = 250 (8B: 8.5 epochs), bf16, full splits
     python -m benchmarks.time_to_accuracy --smoke    # synthetic data, seconds
 """
 
@@ -19,10 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import BUDGETED_RUN, REPO, SMOKE_RECIPE, model_shape, write_result  # noqa: E402
+from benchmarks.common import BUDGETED_RUN, REPO, SMOKE_RECIPE, device, model_shape, write_result  # noqa: E402
 
 QUICK = ["model.depth=4", "train.batch_size=64", "eval.train_limit=5000", "eval.test_limit=1000"]
+GPU = ["train.batch_size=256", "train.precision=bf16", "eval.train_limit=null", "eval.test_limit=null"]
 SMOKE = [
     *SMOKE_RECIPE,
     "eval.train_limit=64",
@@ -37,11 +43,13 @@ SMOKE = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", default="simclr,mocov3,dino")
-    p.add_argument("--base-steps", type=int, help="B, in uncompressed steps (default 10; --quick 6)")
+    p.add_argument("--base-steps", type=int, help="B, uncompressed steps (default 10; --quick 6; --gpu 250)")
     p.add_argument("--budgets", type=int, default=4, help="how many doublings of B")
-    p.add_argument("--augment", default="cpu", choices=["cpu", "device"], help="data.augment of every run")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--augment", default="device", choices=["cpu", "device"], help="data.augment of every run")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true")
+    size.add_argument("--gpu", action="store_true", help="a size for one GPU (runs anywhere, slowly)")
+    size.add_argument("--smoke", action="store_true")
     p.add_argument("-o", "--output", default=None)
     return p.parse_args(argv)
 
@@ -59,6 +67,18 @@ def train_and_eval(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
     result = pretrain(cfg, run_dir)
     wall = time.perf_counter() - tick
     return {"steps": result.step, "wall_s": wall, "knn_top1": evaluate_run(run_dir)["knn_top1"]}
+
+
+def untrained_knn(recipe: Path, overrides: list[str]) -> float:
+    """kNN top-1 of the recipe's backbone at initialisation (the run's seed): the floor to beat."""
+    from accelvit.backbone import build_backbone
+    from accelvit.config import load_config
+    from accelvit.evaluate import evaluate_backbone
+
+    cfg = load_config(recipe, [*overrides, "train.budget=1"])
+    torch.manual_seed(cfg.train.seed)
+    vit = build_backbone(cfg.model)
+    return evaluate_backbone(vit, cfg.model, cfg.data, cfg.eval, device())["knn_top1"]
 
 
 def full_step_units(recipe: Path, overrides: list[str]) -> float:
@@ -92,21 +112,27 @@ def speedup(rows: list[dict]) -> dict:
     }
 
 
+def sized(args: argparse.Namespace) -> tuple[str, list[str], int]:
+    """The run size the flags ask for, the overrides every run of it gets, and B in steps."""
+    size = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
+    overrides = [*BUDGETED_RUN, f"data.augment={args.augment}"]
+    overrides += {"smoke": SMOKE, "quick": QUICK, "gpu": GPU, "full": []}[size]
+    base_steps = args.base_steps or {"smoke": 2, "quick": 6, "gpu": 250, "full": 10}[size]
+    return size, overrides, base_steps
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    common = [*BUDGETED_RUN, f"data.augment={args.augment}"]
-    if args.quick:
-        common += QUICK
+    size, common, args.base_steps = sized(args)
     if args.smoke:
-        common += SMOKE
         args.budgets = 2
-    if args.base_steps is None:
-        args.base_steps = 2 if args.smoke else (6 if args.quick else 10)
     objectives = args.objectives.split(",")
-    rows, summary = [], {}
+    rows, summary, untrained = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in objectives:
             unit = full_step_units(REPO / f"recipes/{name}-fmnist-baseline.yaml", common)
+            untrained[name] = untrained_knn(REPO / f"recipes/{name}-fmnist-baseline.yaml", common)
+            print(f"{name:>7} untrained backbone: kNN top-1 {untrained[name]:.4f}", flush=True)
             for i in range(args.budgets):
                 budget = args.base_steps * 2**i * unit
                 for kind in ("baseline", "accel"):
@@ -121,24 +147,25 @@ def main(argv: list[str] | None = None) -> dict:
                         flush=True,
                     )
             summary[name] = speedup([r for r in rows if r["objective"] == name])
-    print(format_table(rows, summary))
+    print(format_table(rows, summary, untrained))
     result = {
         "dataset": "synthetic" if args.smoke else "fashion-mnist",
-        "size": "smoke" if args.smoke else ("quick" if args.quick else "full"),
+        "size": size,
         "overrides": common,
         "base_steps": args.base_steps,
+        "untrained_knn": untrained,
         "rows": rows,
         "speedup": summary,
     }
     name = (
         "time_to_accuracy"
-        + ("-quick" if args.quick else "")
+        + ("" if size == "full" else f"-{size}")
         + ("-device-augment" if args.augment == "device" else "")
     )
     return write_result(name, result, args.output)
 
 
-def format_table(rows: list[dict], summary: dict) -> str:
+def format_table(rows: list[dict], summary: dict, untrained: dict) -> str:
     lines = [
         "| objective | budget | baseline kNN | accel kNN | baseline s | accel s |",
         "|---|---|---|---|---|---|",
@@ -154,6 +181,7 @@ def format_table(rows: list[dict], summary: dict) -> str:
         )
     lines.append("")
     for name, s in summary.items():
+        lines.append(f"{name}: the untrained backbone has kNN top-1 {untrained[name]:.4f}")
         if s["reached"]:
             lines.append(
                 f"{name}: accelerated reaches {s['target']:.4f} with {s['budget_ratio']:.2f}x less budget, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import compression_study, grad_error_cost, overhead, throughput, time_to_accuracy
 
 ENVIRONMENT = {"benchmark", "device", "threads", "versions"}
@@ -69,6 +71,17 @@ def test_time_to_accuracy_smoke(tmp_path):
     # same budget, cheaper steps: the accelerated run takes more of them
     assert rows[1]["steps"] > rows[0]["steps"]
     assert set(result["speedup"]["simclr"]) >= {"target", "reached"}
+    assert 0 <= result["untrained_knn"]["simclr"] <= 1
+
+
+def test_time_to_accuracy_sizes():
+    size, overrides, base = time_to_accuracy.sized(time_to_accuracy.parse_args(["--gpu"]))
+    assert (size, base) == ("gpu", 250)
+    assert {"train.precision=bf16", "train.batch_size=256", "eval.train_limit=null"} <= set(overrides)
+    size, overrides, base = time_to_accuracy.sized(time_to_accuracy.parse_args(["--base-steps", "3"]))
+    assert (size, base) == ("full", 3) and "data.augment=device" in overrides
+    with pytest.raises(SystemExit):
+        time_to_accuracy.parse_args(["--quick", "--gpu"])
 
 
 def test_speedup_is_the_smallest_accelerated_budget_reaching_the_baseline():
