@@ -475,7 +475,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             f"must be a multiple of model.patch_size ({m.patch_size}) up to model.image_size",
         )
 
-    _validate_ramp(s.keep, "schedule.keep", _keep_ok, "keep ratio must be in (0, 1]")
+    _validate_ramp(s.keep, "schedule.keep", keep_ok, "keep ratio must be in (0, 1]")
     allowed = allowed_patch_sizes(m.image_size, m.patch_size)
     _validate_ramp(
         s.patch,
@@ -483,7 +483,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         lambda v: v is None or v in allowed,
         f"patch size must be one of {allowed} (divisors of model.image_size >= model.patch_size)",
     )
-    _validate_ramp(s.merge, "schedule.merge", _merge_ok, f"merge fraction must be in [0, {MAX_MERGE:g}]")
+    _validate_ramp(s.merge, "schedule.merge", merge_ok, f"merge fraction must be in [0, {MAX_MERGE:g}]")
     _require(
         s.dropout_views in ("query", "all"),
         "schedule.dropout_views",
@@ -564,21 +564,20 @@ def _validate_strategies(text: str | None, key: str, allowed: list[int]) -> None
             ok = setting.fits(allowed)
         except ValueError:
             ok = False
-        _require(
-            ok,
-            key,
-            item,
-            f"expected keep:patch[:merge], keep in (0, 1], patch one of {allowed}, "
-            f"merge in [0, {MAX_MERGE:g}]",
-        )
+        _require(ok, key, item, f"expected keep:patch[:merge], {strategy_rule(allowed)}")
 
 
-def _keep_ok(value: float | None) -> bool:
+def keep_ok(value: float | None) -> bool:
     return value is not None and 0 < value <= 1
 
 
-def _merge_ok(value: float | None) -> bool:
+def merge_ok(value: float | None) -> bool:
     return value is not None and 0 <= value <= MAX_MERGE
+
+
+def strategy_rule(allowed_patches: list[int]) -> str:
+    """What `keep_ok`, `merge_ok` and the allowed patch sizes ask of a strategy, for error messages."""
+    return f"keep in (0, 1], patch one of {allowed_patches}, merge in [0, {MAX_MERGE:g}]"
 
 
 def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:

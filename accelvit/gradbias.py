@@ -320,7 +320,7 @@ def estimate_model(
     from accelvit.augment import batch_views, view_pipeline
     from accelvit.backbone import vit_shape
     from accelvit.budget import relative_cost
-    from accelvit.config import MAX_MERGE, allowed_patch_sizes
+    from accelvit.config import allowed_patch_sizes, strategy_rule
     from accelvit.data import StepBatchSampler, build_loader, load_dataset
     from accelvit.diagnostics import measure_blocks, probe_batch
 
@@ -328,10 +328,7 @@ def estimate_model(
     allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
     for s in strategies:
         if not s.fits(allowed):
-            raise ValueError(
-                f"strategy {s.label}: keep must be in (0, 1], patch one of {allowed}, "
-                f"merge in [0, {MAX_MERGE:g}]"
-            )
+            raise ValueError(f"strategy {s.label}: {strategy_rule(allowed)}")
     shape = vit_shape(model.backbone, cfg.model.image_size)
     rank, world = accelerator.process_index, accelerator.num_processes
     images = images if images is not None else load_dataset(cfg.data)  # the run passes its own

@@ -10,7 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from accelvit.config import MAX_MERGE, OptimConfig, RampConfig, ScheduleConfig, allowed_patch_sizes
+from accelvit.config import (
+    MAX_MERGE,
+    OptimConfig,
+    RampConfig,
+    ScheduleConfig,
+    allowed_patch_sizes,
+    keep_ok,
+    merge_ok,
+)
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,7 @@ class Setting:
 
     def fits(self, allowed_patches: list[int]) -> bool:
         """keep in (0, 1], patch one of `allowed_patches`, merge in [0, MAX_MERGE]."""
-        return 0 < self.keep <= 1 and self.patch in allowed_patches and 0 <= self.merge <= MAX_MERGE
+        return keep_ok(self.keep) and self.patch in allowed_patches and merge_ok(self.merge)
 
     def full_tokens(self) -> Setting:
         """The same patch size with every token kept and none merged (momentum encoders)."""
