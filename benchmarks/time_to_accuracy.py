@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import BUDGETED_RUN, REPO, SMOKE_RECIPE, device, model_shape, write_result  # noqa: E402
 
@@ -71,12 +69,14 @@ def train_and_eval(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
 
 def untrained_knn(recipe: Path, overrides: list[str]) -> float:
     """kNN top-1 of the recipe's backbone at initialisation (the run's seed): the floor to beat."""
+    from accelerate.utils import set_seed
+
     from accelvit.backbone import build_backbone
     from accelvit.config import load_config
     from accelvit.evaluate import evaluate_backbone
 
     cfg = load_config(recipe, [*overrides, "train.budget=1"])
-    torch.manual_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # as `pretrain` seeds before it builds the backbone
     vit = build_backbone(cfg.model)
     return evaluate_backbone(vit, cfg.model, cfg.data, cfg.eval, device())["knn_top1"]
 
