@@ -1,13 +1,23 @@
-"""The backbone: a plain timm VisionTransformer built from the recipe (random init, no download)."""
+"""The backbone: a timm VisionTransformer built from the recipe (random init, no download).
+
+With `model.stem` the patch embedding is timm's `HybridEmbed`: a convolutional stem (Xiao et al.,
+"Early convolutions help transformers see better", NeurIPS 2021) of 3x3 stride-2 conv, batch-norm and
+ReLU layers, whose output map the patch projection embeds in cells of patch_size / 2^len(stem).
+"""
 
 from __future__ import annotations
 
+from functools import partial
+
 import timm
+from timm.layers import ConvNormAct
+from timm.layers.hybrid_embed import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from accelvit.arch import attach
 from accelvit.budget import VitShape
-from accelvit.config import ConfigError, ModelConfig
+from accelvit.config import ConfigError, ModelConfig, stem_stride
 
 
 def timm_kwargs(cfg: ModelConfig) -> dict:
@@ -16,7 +26,7 @@ def timm_kwargs(cfg: ModelConfig) -> dict:
         "pretrained": False,
         "num_classes": 0,
         "img_size": cfg.image_size,
-        "patch_size": cfg.patch_size,
+        "patch_size": cfg.patch_size // stem_stride(cfg),  # a stem's projection counts cells of its map
     }
     for name in ("embed_dim", "depth", "num_heads"):
         if getattr(cfg, name) is not None:
@@ -28,8 +38,11 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
     """A randomly initialised timm ViT without classifier head; `forward` gives pooled features."""
     if cfg.arch not in timm.list_models("vit_*") and cfg.arch not in timm.list_models("deit*"):
         raise ConfigError(f"model.arch = {cfg.arch!r}: not a timm ViT name (see timm.list_models)")
+    kwargs = timm_kwargs(cfg)
+    if cfg.stem:
+        kwargs["embed_layer"] = partial(HybridEmbed, backbone=conv_stem(3, cfg.stem))
     try:
-        vit = timm.create_model(cfg.arch, **timm_kwargs(cfg))
+        vit = timm.create_model(cfg.arch, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"model.arch = {cfg.arch!r}: timm cannot build it: {exc}") from None
     if not isinstance(vit, VisionTransformer):
@@ -37,16 +50,27 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
     return attach(vit, cfg)
 
 
+def conv_stem(in_chans: int, channels: list[int]) -> nn.Sequential:
+    """3x3 stride-2 conv + batch norm + ReLU per entry of `channels`."""
+    layers = []
+    for out_chans in channels:
+        layers.append(ConvNormAct(in_chans, out_chans, 3, stride=2, padding=1))
+        in_chans = out_chans
+    return nn.Sequential(*layers)
+
+
 def vit_shape(vit: VisionTransformer, image_size: int) -> VitShape:
     """The numbers the cost model needs, read off a built ViT."""
-    block = vit.blocks[0]
+    block, embed = vit.blocks[0], vit.patch_embed
     hidden = block.mlp.fc1.out_features
+    stem = isinstance(embed, HybridEmbed)
     return VitShape(
         image_size=image_size,
         embed_dim=vit.embed_dim,
         depth=len(vit.blocks),
         mlp_ratio=hidden / vit.embed_dim,
         prefix_tokens=vit.num_prefix_tokens,
-        in_chans=vit.patch_embed.proj.in_channels,
+        in_chans=embed.in_chans if stem else embed.proj.in_channels,
         num_heads=block.attn.num_heads,
+        stem=tuple(layer.conv.out_channels for layer in embed.backbone) if stem else (),
     )

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from accelvit.config import Config, TrainConfig, allowed_patch_sizes
+from accelvit.config import Config, TrainConfig, patch_sizes, stem_stride
 from accelvit.merge import patch_tokens_per_block
 from accelvit.schedule import Setting, patch_for_size, setting_at
 
@@ -38,6 +38,7 @@ class VitShape:
     mlp_ratio: float = 4.0
     prefix_tokens: int = 1  # class (and register) tokens, never dropped
     in_chans: int = 3
+    stem: tuple[int, ...] = ()  # channels of the stride-2 3x3 convolutional stem layers (model.stem)
     num_heads: int = 1  # token merging matches on keys averaged over heads (width embed_dim / heads)
 
 
@@ -62,11 +63,16 @@ def forward_flops(shape: VitShape, setting: Setting) -> float:
     weighted sum 4n^2d, MLP 4*mlp_ratio*nd^2. With token merging, block i runs attention on its n_i
     tokens and the MLP on the n_(i+1) left after merging (`merge.patch_tokens_per_block`), plus the
     matching: averaging the keys over heads (nd) and scoring set A against set B (2|A||B|d/heads).
-    The patch embedding runs on every patch, dropped or not.
+    The stem and the patch embedding run on every patch, dropped or not.
     """
     d, prefix = shape.embed_dim, shape.prefix_tokens
     patches = num_patches(shape.image_size, setting.patch)
-    embed = 2 * patches * shape.in_chans * setting.patch**2 * d
+    embed, size, chans = 0.0, shape.image_size, shape.in_chans
+    for out_chans in shape.stem:
+        size //= 2
+        embed += 2 * size * size * 9 * chans * out_chans
+        chans = out_chans
+    embed += 2 * patches * chans * (setting.patch // 2 ** len(shape.stem)) ** 2 * d
     counts = patch_tokens_per_block(kept_patches(patches, setting.keep), setting.merge, shape.depth)
     total = embed
     for before, after in itertools.pairwise(counts):
@@ -92,9 +98,10 @@ class Branch:
     drops_tokens: bool  # token dropout and merging apply to this pass
 
 
-def branch_setting(branch: Branch, setting: Setting, base_patch: int) -> Setting:
-    """The setting one pass runs at: its own patch for its size, full tokens unless it drops them."""
-    patch = patch_for_size(setting.patch, branch.size, base_patch)
+def branch_setting(branch: Branch, setting: Setting, base_patch: int, stride: int = 1) -> Setting:
+    """The setting one pass runs at: its own patch for its size, full tokens unless it drops them
+    (`stride`: the convolutional stem's)."""
+    patch = patch_for_size(setting.patch, branch.size, base_patch, stride)
     return replace(setting if branch.drops_tokens else setting.full_tokens(), patch=patch)
 
 
@@ -103,7 +110,8 @@ def step_flops_cost(shape: VitShape, branches: list[Branch], setting: Setting, b
     unit = forward_flops(shape, Setting(1.0, base_patch))
     total = 0.0
     for b in branches:
-        flops = forward_flops(replace(shape, image_size=b.size), branch_setting(b, setting, base_patch))
+        pass_setting = branch_setting(b, setting, base_patch, 2 ** len(shape.stem))
+        flops = forward_flops(replace(shape, image_size=b.size), pass_setting)
         total += b.views * (BACKWARD_FACTOR if b.backward else 1.0) * flops / unit
     return total
 
@@ -173,9 +181,9 @@ def progress_of(train: TrainConfig, step: int, budget_spent: float) -> float:
 def measured_settings(cfg: Config, candidates: Iterable[Setting] = ()) -> list[Setting]:
     """Settings to time: the patch sizes the run can use, each at keeps 0.25 ... 1 and its lowest keep,
     and, if it merges tokens, at merge 0, 0.1, ... up to its largest merge fraction."""
-    image_size, base = cfg.model.image_size, cfg.model.patch_size
-    allowed = allowed_patch_sizes(image_size, base)
-    ramp = [setting_at(cfg.schedule, i / 100, image_size, base) for i in range(101)]
+    image_size, base, stride = cfg.model.image_size, cfg.model.patch_size, stem_stride(cfg.model)
+    allowed = patch_sizes(cfg.model)
+    ramp = [setting_at(cfg.schedule, i / 100, image_size, base, stride) for i in range(101)]
     candidates = list(candidates)
     low, high = min(s.patch for s in ramp), max(s.patch for s in ramp)
     patches = {p for p in allowed if low <= p <= high} | {c.patch for c in candidates} | {base}
@@ -193,10 +201,10 @@ def measure_costs(model, views: list, settings: list[Setting], repeats: int) -> 
     """
     import torch
 
-    from accelvit.compress import forward_features
+    from accelvit.compress import base_patch_size, forward_features
     from accelvit.objectives import buffer_restorer
 
-    backbone, base = model.backbone, model.backbone.patch_embed.patch_size[0]
+    backbone, base = model.backbone, base_patch_size(model.backbone)
     restore_buffers = buffer_restorer(model)
 
     def median_time(fn: Callable[[], object]) -> float:
@@ -272,7 +280,7 @@ def simulate(
         train.budget is not None and spent < train.budget
     ):
         progress = progress_of(train, step, spent)
-        setting = setting_at(cfg.schedule, progress, image_size, base)
+        setting = setting_at(cfg.schedule, progress, image_size, base, stem_stride(cfg.model))
         if setting not in cache:
             cache[setting] = cost(setting)
         units = cache[setting]

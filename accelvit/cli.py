@@ -118,7 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _grad_error(args: argparse.Namespace) -> int:
     from accelvit.checkpoint import RECIPE, checkpoint_step
-    from accelvit.config import allowed_patch_sizes
+    from accelvit.config import patch_sizes
     from accelvit.export import resolve_checkpoint
     from accelvit.gradbias import estimate, strategies_or_default
     from accelvit.report import grad_table, write_grad_report
@@ -134,7 +134,7 @@ def _grad_error(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(source, args.set)
     try:
-        allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
+        allowed = patch_sizes(cfg.model)
         strategies = strategies_or_default(args.strategies, cfg.model.patch_size, allowed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -3,7 +3,8 @@
 - Patch scaling (FlexiViT, Beyer et al., CVPR 2023): the image keeps its resolution and is embedded
   with patch size p >= base. The kernel is resampled from the *base* kernel by timm's pseudo-inverse
   resize inside the autograd graph, so gradients reach the one base parameter the optimizer holds;
-  the position embedding is resampled to the new grid.
+  the position embedding is resampled to the new grid. With a convolutional stem (`model.stem`)
+  the image first passes the stem and the kernel, in cells of the stem's map, is resampled the same way.
 - Token dropout (PatchDropout, Liu et al., 2022): after position embeddings each image keeps a fresh
   random subset of round(keep * N) patch tokens; prefix (class, register) tokens are always kept.
 - Token merging (ToMe, `accelvit.merge`): inside each block a fraction `merge` of the remaining
@@ -19,6 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+from timm.layers.hybrid_embed import HybridEmbed
 from timm.layers.patch_dropout import patch_dropout_forward
 from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from timm.models.vision_transformer import VisionTransformer
@@ -34,8 +36,15 @@ def _resampler(base: int) -> PatchEmbedResamplerFixedOrigSize:
     return PatchEmbedResamplerFixedOrigSize(orig_size=(base, base))
 
 
+def stem_stride(vit: VisionTransformer) -> int:
+    """Pixels per cell of the convolutional stem's output map (1: no stem)."""
+    pe = vit.patch_embed
+    return pe.feature_ratio[0] if isinstance(pe, HybridEmbed) else 1
+
+
 def base_patch_size(vit: VisionTransformer) -> int:
-    return vit.patch_embed.proj.kernel_size[0]
+    """The base patch size in pixels."""
+    return vit.patch_embed.proj.kernel_size[0] * stem_stride(vit)
 
 
 def embed_tokens(vit: VisionTransformer, images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -45,13 +54,18 @@ def embed_tokens(vit: VisionTransformer, images: torch.Tensor, patch: int) -> to
         Tokens (B, prefix + (H // patch) * (W // patch), D), prefix tokens first.
     """
     pe = vit.patch_embed
+    stride = stem_stride(vit)
+    if stride > 1:
+        images = pe.backbone(images)  # the stem's map: its cells are the pixels the kernel sees
     weight = pe.proj.weight
-    base = base_patch_size(vit)
-    if patch != base:
-        weight = _resampler(base)(weight, [patch, patch])
-    x = F.conv2d(images, weight, pe.proj.bias, stride=patch)  # (B, D, H/p, W/p)
+    base, kernel = pe.proj.kernel_size[0], patch // stride
+    if kernel != base:
+        weight = _resampler(base)(weight, [kernel, kernel])
+    x = F.conv2d(images, weight, pe.proj.bias, stride=kernel)  # (B, D, H/p, W/p)
     grid = x.shape[-2:]
-    x = pe.norm(x.flatten(2).transpose(1, 2))
+    x = x.flatten(2).transpose(1, 2)
+    if not isinstance(pe, HybridEmbed):  # timm's HybridEmbed has no norm
+        x = pe.norm(x)
 
     prefix = []
     if vit.cls_token is not None:

@@ -50,6 +50,11 @@ class ModelConfig:
     attn_skip: bool = _doc(True, "false removes the skip connection around self-attention (ablation)")
     token_precondition: str = _doc("none", "none, or svd: spectral preconditioning of the patch tokens")
     precondition_alpha: float = _doc(1.0, "svd preconditioning: singular values s -> s^a s_max^(1-a)")
+    stem: list[int] = _doc(
+        [],
+        "convolutional stem: channels of 3x3 stride-2 conv + batch-norm + ReLU layers ahead of the patch "
+        "projection ([]: plain patchify); patch sizes must be multiples of its stride 2^len",
+    )
 
 
 @dataclass
@@ -420,6 +425,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for name in ("embed_dim", "depth", "num_heads"):
         value = getattr(m, name)
         _require(value is None or value > 0, f"model.{name}", value, "must be positive or null")
+    _require(all(c > 0 for c in m.stem), "model.stem", m.stem, "channels must be positive")
+    _require(
+        m.patch_size % stem_stride(m) == 0,
+        "model.patch_size",
+        m.patch_size,
+        f"must be a multiple of the stem's stride ({stem_stride(m)}, model.stem: {m.stem})",
+    )
 
     _require(d.dataset in DATASETS, "data.dataset", d.dataset, f"expected one of {DATASETS}")
     _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
@@ -476,12 +488,15 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         )
 
     _validate_ramp(s.keep, "schedule.keep", keep_ok, "keep ratio must be in (0, 1]")
-    allowed = allowed_patch_sizes(m.image_size, m.patch_size)
+    allowed = patch_sizes(m)
+    rule = "divisors of model.image_size >= model.patch_size" + (
+        f", multiples of the stem's stride {stem_stride(m)}" if m.stem else ""
+    )
     _validate_ramp(
         s.patch,
         "schedule.patch",
         lambda v: v is None or v in allowed,
-        f"patch size must be one of {allowed} (divisors of model.image_size >= model.patch_size)",
+        f"patch size must be one of {allowed} ({rule})",
     )
     _validate_ramp(s.merge, "schedule.merge", merge_ok, f"merge fraction must be in [0, {MAX_MERGE:g}]")
     _require(
@@ -606,9 +621,19 @@ def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
 MAX_MERGE = 0.5  # token merging: bipartite matching can remove at most half of a block's tokens
 
 
-def allowed_patch_sizes(image_size: int, base: int) -> list[int]:
-    """Patch sizes a curriculum may use: divisors of the image size no smaller than the base."""
-    return [p for p in range(base, image_size + 1) if image_size % p == 0]
+def allowed_patch_sizes(image_size: int, base: int, stride: int = 1) -> list[int]:
+    """Patch sizes a curriculum may use: divisors of the image size no smaller than the base, and
+    multiples of the convolutional stem's stride (the projection embeds whole cells of its map)."""
+    return [p for p in range(base, image_size + 1) if image_size % p == 0 and p % stride == 0]
+
+
+def stem_stride(model: ModelConfig) -> int:
+    return 2 ** len(model.stem)
+
+
+def patch_sizes(model: ModelConfig) -> list[int]:
+    """The patch sizes a curriculum may use for full-size views of this model."""
+    return allowed_patch_sizes(model.image_size, model.patch_size, stem_stride(model))
 
 
 # ---------------------------------------------------------------------------------------------

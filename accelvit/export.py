@@ -15,6 +15,7 @@ from accelvit.checkpoint import RECIPE, latest_checkpoint, verify_checkpoint
 from accelvit.config import ConfigError, load_config
 
 BACKBONE_PREFIX = "backbone."
+STEM_PREFIX = "patch_embed.backbone."  # timm's HybridEmbed keeps the convolutional stem there
 
 
 def resolve_checkpoint(run_dir: Path, name: str | None = None) -> Path:
@@ -39,14 +40,19 @@ def backbone_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def is_extra(key: str) -> bool:
+    """Whether a backbone state-dict key is one that timm's plain ViT of the arch lacks."""
+    return key in EXTRA_PARAMETERS or key.startswith(STEM_PREFIX)
+
+
 def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> Path:
     """Write the backbone weights with timm's key names to `out` (.safetensors).
 
     Load them with `timm.create_model(arch, **kwargs)` + `load_state_dict`; `arch` and `kwargs`
-    are stored in the file's metadata. Architecture options (value residual, preconditioning) add
-    parameters timm does not know: the metadata lists them (`extra_parameters`) with the whole
-    model section (`accelvit_model`), and `accelvit.backbone.build_backbone` of that section loads
-    the file strictly.
+    are stored in the file's metadata. Architecture options (value residual, preconditioning, a
+    convolutional stem) add parameters timm's plain ViT does not have: the metadata lists them
+    (`extra_parameters`) with the whole model section (`accelvit_model`), and
+    `accelvit.backbone.build_backbone` of that section loads the file strictly.
     """
     if not (run_dir / RECIPE).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
@@ -58,7 +64,7 @@ def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> 
         "arch": cfg.model.arch,
         "timm_kwargs": json.dumps(kwargs),
         "checkpoint": path.name,
-        "extra_parameters": json.dumps(sorted(k for k in backbone if k in EXTRA_PARAMETERS)),
+        "extra_parameters": json.dumps(sorted(k for k in backbone if is_extra(k))),
         "accelvit_model": json.dumps(dataclasses.asdict(cfg.model)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -320,12 +320,12 @@ def estimate_model(
     from accelvit.augment import batch_views, view_pipeline
     from accelvit.backbone import vit_shape
     from accelvit.budget import relative_cost
-    from accelvit.config import allowed_patch_sizes, strategy_rule
+    from accelvit.config import patch_sizes, strategy_rule
     from accelvit.data import StepBatchSampler, build_loader, load_dataset
     from accelvit.diagnostics import measure_blocks, probe_batch
 
     started = time.perf_counter()
-    allowed = allowed_patch_sizes(cfg.model.image_size, cfg.model.patch_size)
+    allowed = patch_sizes(cfg.model)
     for s in strategies:
         if not s.fits(allowed):
             raise ValueError(f"strategy {s.label}: {strategy_rule(allowed)}")

@@ -72,13 +72,14 @@ def snap_patch(value: float, allowed: list[int]) -> int:
     return min(allowed, key=lambda p: (abs(p - value), p))
 
 
-def patch_for_size(patch: int, size: int, base_patch: int) -> int:
+def patch_for_size(patch: int, size: int, base_patch: int, stride: int = 1) -> int:
     """Patch size for a view of side `size` (e.g. a DINO local crop) when global views use `patch`.
 
     The same pixel patch size, snapped to the allowed sizes of that view (divisors of `size` no
-    smaller than the base), so the patch-scaling factor is the same for every view.
+    smaller than the base, multiples of the stem's `stride`), so the patch-scaling factor is the
+    same for every view.
     """
-    return snap_patch(patch, allowed_patch_sizes(size, base_patch))
+    return snap_patch(patch, allowed_patch_sizes(size, base_patch, stride))
 
 
 def parse_strategies(text: str) -> list[Setting]:
@@ -99,13 +100,15 @@ def parse_strategies(text: str) -> list[Setting]:
     return out
 
 
-def setting_at(cfg: ScheduleConfig, progress: float, image_size: int, base_patch: int) -> Setting:
-    """The compression setting at `progress` (0: start of training, 1: end)."""
+def setting_at(
+    cfg: ScheduleConfig, progress: float, image_size: int, base_patch: int, stride: int = 1
+) -> Setting:
+    """The compression setting at `progress` (0: start of training, 1: end); `stride`: the stem's."""
     keep = ramp_value(cfg.keep, progress)
     patch = ramp_value(cfg.patch, progress, default=base_patch)
     return Setting(
         keep=min(max(keep, 1e-6), 1.0),
-        patch=snap_patch(patch, allowed_patch_sizes(image_size, base_patch)),
+        patch=snap_patch(patch, allowed_patch_sizes(image_size, base_patch, stride)),
         merge=min(max(ramp_value(cfg.merge, progress, default=0.0), 0.0), MAX_MERGE),
     )
 
@@ -124,12 +127,17 @@ def lr_at(cfg: OptimConfig, progress: float) -> float:
 
 
 def current_setting(
-    cfg: ScheduleConfig, progress: float, image_size: int, base_patch: int, decisions: list[dict]
+    cfg: ScheduleConfig,
+    progress: float,
+    image_size: int,
+    base_patch: int,
+    decisions: list[dict],
+    stride: int = 1,
 ) -> Setting:
     """The setting in force: the latest adaptive decision if any was made, else the ramps."""
     if cfg.mode == "adaptive" and decisions:
         return setting_of(decisions[-1])
-    return setting_at(cfg, progress, image_size, base_patch)
+    return setting_at(cfg, progress, image_size, base_patch, stride)
 
 
 def setting_of(decision: dict) -> Setting:

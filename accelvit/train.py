@@ -48,7 +48,7 @@ from accelvit.checkpoint import (
     truncate_metrics,
     write_atomic,
 )
-from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig, allowed_patch_sizes
+from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig, patch_sizes, stem_stride
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
 from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import any_process, use_cpu
@@ -173,7 +173,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     probe = probe_batch(images, image_size).to(accelerator.device) if train.diagnostics_every else None
 
     # Costs of a step in budget units per image (the budget's and the adaptive schedule's currency)
-    allowed = allowed_patch_sizes(image_size, base_patch)
+    allowed = patch_sizes(cfg.model)
     grad_error_strategies = strategies_or_default(train.grad_error_strategies, base_patch, allowed)
     candidates = [
         s
@@ -236,7 +236,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                         )
 
             # Compression setting and learning rate at this point of training
-            setting = current_setting(cfg.schedule, progress, image_size, base_patch, state.decisions)
+            setting = current_setting(
+                cfg.schedule, progress, image_size, base_patch, state.decisions, stem_stride(cfg.model)
+            )
             step_units = cost(setting) * batch * world
             # the learning rate of the progress reached by this step: the first step must not get lr 0
             lr = lr_at(cfg.optim, progress_of(train, state.step + 1, state.budget_spent + step_units))

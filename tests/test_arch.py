@@ -9,12 +9,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from accelvit.arch import precondition_tokens, run_blocks
-from accelvit.backbone import build_backbone
+from accelvit.backbone import build_backbone, vit_shape
+from accelvit.budget import VitShape, forward_flops
 from accelvit.cli import main
-from accelvit.compress import forward_tokens
-from accelvit.config import ModelConfig
+from accelvit.compress import base_patch_size, forward_tokens, stem_stride
+from accelvit.config import ModelConfig, RampConfig, ScheduleConfig, allowed_patch_sizes, patch_sizes
 from accelvit.diagnostics import condition_numbers, measure_blocks
-from accelvit.schedule import Setting
+from accelvit.schedule import Setting, patch_for_size, setting_at
 
 TINY = ModelConfig(
     arch="vit_tiny_patch16_224", image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2
@@ -99,3 +100,81 @@ def test_options_export_with_their_extra_parameters_and_load_back(tmp_path, tiny
     vit.load_state_dict(load_file(str(out)))  # strict
     trained = load_file(str(out))["value_lambdas"]
     assert not torch.equal(trained, torch.full_like(trained, 0.5))  # the scalars were trained
+
+
+# Convolutional stem (model.stem)
+
+
+def stem_vit(**changes):
+    torch.manual_seed(0)
+    return build_backbone(dataclasses.replace(TINY, stem=[8, 16], **changes)).eval()
+
+
+def test_stem_base_setting_is_timms_hybrid_forward_exactly():
+    vit = stem_vit()
+    images = torch.randn(3, 3, 16, 16)
+    assert (base_patch_size(vit), stem_stride(vit)) == (4, 4)
+    assert vit.patch_embed.proj.weight.shape == (32, 16, 1, 1)  # one cell of the stem's 4x4 map
+    with torch.no_grad():
+        assert torch.equal(forward_tokens(vit, images), vit.forward_features(images))
+        assert forward_tokens(vit, images, Setting(0.5, 8)).shape == (3, 1 + 2, 32)
+
+
+def test_stem_patch_scaling_resamples_the_projection_like_timm():
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    vit = stem_vit()
+    copy = stem_vit(patch_size=8)  # the same stem, a projection over 2x2 cells
+    state = vit.state_dict()
+    state["patch_embed.proj.weight"] = resample_patch_embed(state["patch_embed.proj.weight"], [2, 2])
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [2, 2], [4, 4])
+    copy.load_state_dict(state)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            forward_tokens(vit, images, Setting(1.0, 8)), copy.forward_features(images)
+        )
+
+
+def test_stem_and_base_projection_get_the_gradient_of_a_scaled_patch():
+    vit = stem_vit().train()
+    forward_tokens(vit, torch.randn(4, 3, 16, 16), Setting(0.5, 8)).square().sum().backward()
+    for name in (
+        "patch_embed.backbone.0.conv.weight",
+        "patch_embed.backbone.1.conv.weight",
+        "patch_embed.proj.weight",
+    ):
+        grad = vit.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_stem_restricts_patch_sizes_to_multiples_of_its_stride():
+    assert allowed_patch_sizes(28, 4) == [4, 7, 14, 28]
+    assert allowed_patch_sizes(28, 4, stride=2) == [4, 14, 28]
+    assert patch_sizes(ModelConfig(image_size=28, patch_size=4, stem=[8, 8])) == [4, 28]
+    assert patch_for_size(8, 12, 4) == 6  # a DINO local crop of 12 px
+    assert patch_for_size(8, 12, 4, stride=4) == 4  # ties go to the smaller size
+    schedule = ScheduleConfig(patch=RampConfig(start=20))
+    assert setting_at(schedule, 0.0, 28, 4).patch == 14
+    assert setting_at(schedule, 0.0, 28, 4, stride=4).patch == 28
+
+
+def test_stem_flops_on_a_hand_count():
+    shape = VitShape(image_size=8, embed_dim=2, depth=1, mlp_ratio=4, in_chans=1, stem=(3,))
+    # stem 2*(4*4)*9*1*3 = 864; 4 patches of 2x2 stem cells: embed 2*4*3*4*2 = 192; block 680
+    assert forward_flops(shape, Setting(1.0, 4)) == 864 + 192 + 680
+    assert vit_shape(stem_vit(), 16) == VitShape(16, 32, 3, in_chans=3, stem=(8, 16), num_heads=2)
+
+
+def test_stem_run_exports_its_layers_and_loads_back(tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--set", "model.stem=[8]"]) == 0
+    out = tmp_path / "backbone.safetensors"
+    assert main(["export", str(run_dir), "-o", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    extra = json.loads(meta["extra_parameters"])
+    assert "patch_embed.backbone.0.conv.weight" in extra and "patch_embed.backbone.0.bn.running_mean" in extra
+    vit = build_backbone(ModelConfig(**json.loads(meta["accelvit_model"])))
+    vit.load_state_dict(load_file(str(out)))  # strict
+    assert vit.patch_embed.backbone[0].bn.num_batches_tracked > 0  # its batch norm saw the training

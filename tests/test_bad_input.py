@@ -81,6 +81,11 @@ CASES = [
         "schedule.patch.start = 6.0: patch size must be one of [4, 8, 16]",
     ),
     (
+        "stem stride that the patch size does not fit",
+        lambda t, r: _pretrain(t, r, "model.stem=[8, 8, 8]"),
+        "model.patch_size = 4: must be a multiple of the stem's stride (8, model.stem: [8, 8, 8])",
+    ),
+    (
         "steps and budget both set",
         lambda t, r: _pretrain(t, r, "train.budget=1000"),
         "train.steps = 6: give exactly one of train.steps and train.budget",

@@ -23,7 +23,7 @@ from torch import nn
 
 from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
-from accelvit.compress import base_patch_size, forward_features
+from accelvit.compress import base_patch_size, forward_features, stem_stride
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.objectives.momentum import momentum_at
 from accelvit.schedule import Setting, patch_for_size
@@ -74,7 +74,9 @@ class DINO(nn.Module):
         student = list(self.head(forward_features(self.backbone, torch.cat(global_views), setting)).chunk(2))
         if local_views:
             size = local_views[0].shape[-1]
-            local_patch = patch_for_size(setting.patch, size, base_patch_size(self.backbone))
+            local_patch = patch_for_size(
+                setting.patch, size, base_patch_size(self.backbone), stem_stride(self.backbone)
+            )
             local = self.head(
                 forward_features(self.backbone, torch.cat(local_views), replace(setting, patch=local_patch))
             )
