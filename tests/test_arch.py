@@ -87,18 +87,24 @@ def test_diagnostics_show_the_lower_input_condition_number():
     assert b == pytest.approx(a**0.5, rel=0.05)
 
 
-def test_options_export_with_their_extra_parameters_and_load_back(tmp_path, tiny_recipe):
-    run_dir = tmp_path / "run"
-    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--set", "model.value_residual=true"]) == 0
-    out = tmp_path / "backbone.safetensors"
+def export_run(tmp_path, recipe, option: str) -> tuple[list[str], torch.nn.Module]:
+    """Train a tiny run with `option`, export it, and load the file strictly into a rebuilt backbone.
+
+    Returns the metadata's extra parameters and the loaded backbone."""
+    run_dir, out = tmp_path / "run", tmp_path / "backbone.safetensors"
+    assert main(["pretrain", str(recipe), "-o", str(run_dir), "--set", option]) == 0
     assert main(["export", str(run_dir), "-o", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["extra_parameters"]) == ["value_lambdas"]
-    model = ModelConfig(**json.loads(meta["accelvit_model"]))
-    vit = build_backbone(model)
+    vit = build_backbone(ModelConfig(**json.loads(meta["accelvit_model"])))
     vit.load_state_dict(load_file(str(out)))  # strict
-    trained = load_file(str(out))["value_lambdas"]
+    return json.loads(meta["extra_parameters"]), vit
+
+
+def test_options_export_with_their_extra_parameters_and_load_back(tmp_path, tiny_recipe):
+    extra, vit = export_run(tmp_path, tiny_recipe, "model.value_residual=true")
+    assert extra == ["value_lambdas"]
+    trained = vit.value_lambdas.detach()
     assert not torch.equal(trained, torch.full_like(trained, 0.5))  # the scalars were trained
 
 
@@ -167,14 +173,6 @@ def test_stem_flops_on_a_hand_count():
 
 
 def test_stem_run_exports_its_layers_and_loads_back(tmp_path, tiny_recipe):
-    run_dir = tmp_path / "run"
-    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--set", "model.stem=[8]"]) == 0
-    out = tmp_path / "backbone.safetensors"
-    assert main(["export", str(run_dir), "-o", str(out)]) == 0
-    with safe_open(str(out), "pt") as f:
-        meta = f.metadata()
-    extra = json.loads(meta["extra_parameters"])
+    extra, vit = export_run(tmp_path, tiny_recipe, "model.stem=[8]")
     assert "patch_embed.backbone.0.conv.weight" in extra and "patch_embed.backbone.0.bn.running_mean" in extra
-    vit = build_backbone(ModelConfig(**json.loads(meta["accelvit_model"])))
-    vit.load_state_dict(load_file(str(out)))  # strict
     assert vit.patch_embed.backbone[0].bn.num_batches_tracked > 0  # its batch norm saw the training
