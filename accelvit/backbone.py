@@ -19,6 +19,8 @@ from accelvit.arch import attach
 from accelvit.budget import VitShape
 from accelvit.config import ConfigError, ModelConfig, stem_stride
 
+RGB = 3  # timm's ViTs take 3 channels; the data pipeline gives grayscale images as RGB
+
 
 def timm_kwargs(cfg: ModelConfig) -> dict:
     """Keyword arguments for `timm.create_model(cfg.arch, **kwargs)` that rebuild this backbone."""
@@ -40,13 +42,15 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
         raise ConfigError(f"model.arch = {cfg.arch!r}: not a timm ViT name (see timm.list_models)")
     kwargs = timm_kwargs(cfg)
     if cfg.stem:
-        kwargs["embed_layer"] = partial(HybridEmbed, backbone=conv_stem(3, cfg.stem))
+        kwargs["embed_layer"] = partial(HybridEmbed, backbone=conv_stem(RGB, cfg.stem))
     try:
         vit = timm.create_model(cfg.arch, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"model.arch = {cfg.arch!r}: timm cannot build it: {exc}") from None
     if not isinstance(vit, VisionTransformer):
         raise ConfigError(f"model.arch = {cfg.arch!r}: builds a {type(vit).__name__}, not a ViT")
+    if isinstance(vit.patch_embed, HybridEmbed) and not cfg.stem:
+        raise ConfigError(f"model.arch = {cfg.arch!r}: a hybrid CNN-ViT; use a plain ViT with model.stem")
     return attach(vit, cfg)
 
 

@@ -16,10 +16,15 @@ from accelvit.config import ConfigError, describe_defaults, load_config
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from accelvit.backbone import build_backbone
     from accelvit.checkpoint import create_run_dir
     from accelvit.train import pretrain
 
     cfg = load_config(args.recipe, args.set)
+    with torch.device("meta"):  # a model timm cannot build fails before the run directory exists
+        build_backbone(cfg.model)
     run_dir = Path(args.output) if args.output else _default_run_dir(Path(args.recipe))
     create_run_dir(run_dir, cfg, overwrite=args.overwrite)
     pretrain(cfg, run_dir)

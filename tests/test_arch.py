@@ -13,7 +13,14 @@ from accelvit.backbone import build_backbone, vit_shape
 from accelvit.budget import VitShape, forward_flops
 from accelvit.cli import main
 from accelvit.compress import base_patch_size, forward_tokens, stem_stride
-from accelvit.config import ModelConfig, RampConfig, ScheduleConfig, allowed_patch_sizes, patch_sizes
+from accelvit.config import (
+    ConfigError,
+    ModelConfig,
+    RampConfig,
+    ScheduleConfig,
+    allowed_patch_sizes,
+    patch_sizes,
+)
 from accelvit.diagnostics import condition_numbers, measure_blocks
 from accelvit.schedule import Setting, patch_for_size, setting_at
 
@@ -152,6 +159,11 @@ def test_stem_and_base_projection_get_the_gradient_of_a_scaled_patch():
     ):
         grad = vit.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_timms_hybrid_archs_are_refused_for_model_stem():
+    with pytest.raises(ConfigError, match="a hybrid CNN-ViT; use a plain ViT with model.stem"):
+        build_backbone(ModelConfig(arch="vit_tiny_r_s16_p8_224", image_size=32, patch_size=4))
 
 
 def test_stem_restricts_patch_sizes_to_multiples_of_its_stride():

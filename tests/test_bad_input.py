@@ -81,6 +81,16 @@ CASES = [
         "schedule.patch.start = 6.0: patch size must be one of [4, 8, 16]",
     ),
     (
+        "arch that is not a timm ViT",
+        lambda t, r: _pretrain(t, r, "model.arch=vit_tinny"),
+        "model.arch = 'vit_tinny': not a timm ViT name",
+    ),
+    (
+        "timm hybrid CNN-ViT arch",
+        lambda t, r: _pretrain(t, r, "model.arch=vit_tiny_r_s16_p8_224"),
+        "model.arch = 'vit_tiny_r_s16_p8_224': a hybrid CNN-ViT; use a plain ViT with model.stem",
+    ),
+    (
         "stem stride that the patch size does not fit",
         lambda t, r: _pretrain(t, r, "model.stem=[8, 8, 8]"),
         "model.patch_size = 4: must be a multiple of the stem's stride (8, model.stem: [8, 8, 8])",
