@@ -57,7 +57,9 @@ def test_pretrain_logs_metrics_and_checkpoints(tmp_path, tiny_config):
     assert load_config(run_dir / "recipe.yaml") == tiny_config
 
 
-def test_resume_is_bit_exact(tmp_path, tiny_config):
+@pytest.mark.parametrize("stem", [[], [8]], ids=["patchify", "conv-stem"])
+def test_resume_is_bit_exact(tmp_path, tiny_config, stem):
+    tiny_config.model.stem = stem  # the stem's batch-norm statistics must come back too
     run_dir = tmp_path / "run"
     create_run_dir(run_dir, tiny_config)
     pretrain(tiny_config, run_dir)
