@@ -28,7 +28,7 @@ def timm_kwargs(cfg: ModelConfig) -> dict:
         "pretrained": False,
         "num_classes": 0,
         "img_size": cfg.image_size,
-        "patch_size": cfg.patch_size // stem_stride(cfg),  # a stem's projection counts cells of its map
+        "patch_size": cfg.patch_size // stem_stride(cfg.stem),  # a stem's projection counts cells of its map
     }
     for name in ("embed_dim", "depth", "num_heads"):
         if getattr(cfg, name) is not None:

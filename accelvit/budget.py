@@ -72,7 +72,7 @@ def forward_flops(shape: VitShape, setting: Setting) -> float:
         size //= 2
         embed += 2 * size * size * 9 * chans * out_chans
         chans = out_chans
-    embed += 2 * patches * chans * (setting.patch // 2 ** len(shape.stem)) ** 2 * d
+    embed += 2 * patches * chans * (setting.patch // stem_stride(shape.stem)) ** 2 * d
     counts = patch_tokens_per_block(kept_patches(patches, setting.keep), setting.merge, shape.depth)
     total = embed
     for before, after in itertools.pairwise(counts):
@@ -110,7 +110,7 @@ def step_flops_cost(shape: VitShape, branches: list[Branch], setting: Setting, b
     unit = forward_flops(shape, Setting(1.0, base_patch))
     total = 0.0
     for b in branches:
-        pass_setting = branch_setting(b, setting, base_patch, 2 ** len(shape.stem))
+        pass_setting = branch_setting(b, setting, base_patch, stem_stride(shape.stem))
         flops = forward_flops(replace(shape, image_size=b.size), pass_setting)
         total += b.views * (BACKWARD_FACTOR if b.backward else 1.0) * flops / unit
     return total
@@ -181,7 +181,7 @@ def progress_of(train: TrainConfig, step: int, budget_spent: float) -> float:
 def measured_settings(cfg: Config, candidates: Iterable[Setting] = ()) -> list[Setting]:
     """Settings to time: the patch sizes the run can use, each at keeps 0.25 ... 1 and its lowest keep,
     and, if it merges tokens, at merge 0, 0.1, ... up to its largest merge fraction."""
-    image_size, base, stride = cfg.model.image_size, cfg.model.patch_size, stem_stride(cfg.model)
+    image_size, base, stride = cfg.model.image_size, cfg.model.patch_size, stem_stride(cfg.model.stem)
     allowed = patch_sizes(cfg.model)
     ramp = [setting_at(cfg.schedule, i / 100, image_size, base, stride) for i in range(101)]
     candidates = list(candidates)
@@ -280,7 +280,7 @@ def simulate(
         train.budget is not None and spent < train.budget
     ):
         progress = progress_of(train, step, spent)
-        setting = setting_at(cfg.schedule, progress, image_size, base, stem_stride(cfg.model))
+        setting = setting_at(cfg.schedule, progress, image_size, base, stem_stride(cfg.model.stem))
         if setting not in cache:
             cache[setting] = cost(setting)
         units = cache[setting]

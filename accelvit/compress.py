@@ -54,17 +54,17 @@ def embed_tokens(vit: VisionTransformer, images: torch.Tensor, patch: int) -> to
         Tokens (B, prefix + (H // patch) * (W // patch), D), prefix tokens first.
     """
     pe = vit.patch_embed
-    stride = stem_stride(vit)
-    if stride > 1:
+    stem = isinstance(pe, HybridEmbed)
+    if stem:
         images = pe.backbone(images)  # the stem's map: its cells are the pixels the kernel sees
     weight = pe.proj.weight
-    base, kernel = pe.proj.kernel_size[0], patch // stride
+    base, kernel = pe.proj.kernel_size[0], patch // stem_stride(vit)
     if kernel != base:
         weight = _resampler(base)(weight, [kernel, kernel])
     x = F.conv2d(images, weight, pe.proj.bias, stride=kernel)  # (B, D, H/p, W/p)
     grid = x.shape[-2:]
     x = x.flatten(2).transpose(1, 2)
-    if not isinstance(pe, HybridEmbed):  # timm's HybridEmbed has no norm
+    if not stem:  # timm's HybridEmbed has no norm
         x = pe.norm(x)
 
     prefix = []

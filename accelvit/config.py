@@ -426,11 +426,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         value = getattr(m, name)
         _require(value is None or value > 0, f"model.{name}", value, "must be positive or null")
     _require(all(c > 0 for c in m.stem), "model.stem", m.stem, "channels must be positive")
+    stride = stem_stride(m.stem)
     _require(
-        m.patch_size % stem_stride(m) == 0,
+        m.patch_size % stride == 0,
         "model.patch_size",
         m.patch_size,
-        f"must be a multiple of the stem's stride ({stem_stride(m)}, model.stem: {m.stem})",
+        f"must be a multiple of the stem's stride ({stride}, model.stem: {m.stem})",
     )
 
     _require(d.dataset in DATASETS, "data.dataset", d.dataset, f"expected one of {DATASETS}")
@@ -490,7 +491,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _validate_ramp(s.keep, "schedule.keep", keep_ok, "keep ratio must be in (0, 1]")
     allowed = patch_sizes(m)
     rule = "divisors of model.image_size >= model.patch_size" + (
-        f", multiples of the stem's stride {stem_stride(m)}" if m.stem else ""
+        f", multiples of the stem's stride {stride}" if m.stem else ""
     )
     _validate_ramp(
         s.patch,
@@ -627,13 +628,14 @@ def allowed_patch_sizes(image_size: int, base: int, stride: int = 1) -> list[int
     return [p for p in range(base, image_size + 1) if image_size % p == 0 and p % stride == 0]
 
 
-def stem_stride(model: ModelConfig) -> int:
-    return 2 ** len(model.stem)
+def stem_stride(stem: list[int] | tuple[int, ...]) -> int:
+    """Pixels per cell of a convolutional stem's output map: each of its layers halves the resolution."""
+    return 2 ** len(stem)
 
 
 def patch_sizes(model: ModelConfig) -> list[int]:
     """The patch sizes a curriculum may use for full-size views of this model."""
-    return allowed_patch_sizes(model.image_size, model.patch_size, stem_stride(model))
+    return allowed_patch_sizes(model.image_size, model.patch_size, stem_stride(model.stem))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
             # Compression setting and learning rate at this point of training
             setting = current_setting(
-                cfg.schedule, progress, image_size, base_patch, state.decisions, stem_stride(cfg.model)
+                cfg.schedule, progress, image_size, base_patch, state.decisions, stem_stride(cfg.model.stem)
             )
             step_units = cost(setting) * batch * world
             # the learning rate of the progress reached by this step: the first step must not get lr 0
