@@ -3,6 +3,11 @@
 With `model.stem` the patch embedding is timm's `HybridEmbed`: a convolutional stem (Xiao et al.,
 "Early convolutions help transformers see better", NeurIPS 2021) of 3x3 stride-2 conv, batch-norm and
 ReLU layers, whose output map the patch projection embeds in cells of patch_size / 2^len(stem).
+
+MoCo-v3's ViT stabilisers (Chen, Xie and He, ICCV 2021, `vits.py`) are options: a fixed 2-D sin-cos
+position embedding (`model.pos_embed: sincos`) and a frozen random patch projection
+(`model.freeze_patch_embed`). Both stay parameters of the base size, so patch scaling still resamples
+them from the frozen base.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 from functools import partial
 
 import timm
-from timm.layers import ConvNormAct
+import torch
+from timm.layers import ConvNormAct, build_sincos2d_pos_embed
 from timm.layers.hybrid_embed import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -51,7 +57,30 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
         raise ConfigError(f"model.arch = {cfg.arch!r}: builds a {type(vit).__name__}, not a ViT")
     if isinstance(vit.patch_embed, HybridEmbed) and not cfg.stem:
         raise ConfigError(f"model.arch = {cfg.arch!r}: a hybrid CNN-ViT; use a plain ViT with model.stem")
+    if cfg.pos_embed == "sincos":
+        set_sincos_pos_embed(vit)
+    if cfg.freeze_patch_embed:
+        vit.patch_embed.proj.requires_grad_(False)
     return attach(vit, cfg)
+
+
+def set_sincos_pos_embed(vit: VisionTransformer) -> None:
+    """Replace the learned position embedding by a fixed 2-D sin-cos one (prefix slots zero).
+
+    timm's `build_sincos2d_pos_embed` orders the channels [sin h, sin w, cos h, cos w]; MoCo-v3's is a
+    fixed permutation of that, which the first linear layer absorbs.
+    """
+    if vit.pos_embed is None or vit.embed_dim % 4:
+        raise ConfigError(
+            f"model.pos_embed = 'sincos': needs a position embedding and an embed_dim divisible by 4, "
+            f"got {vit.embed_dim}"
+        )
+    grid = list(vit.patch_embed.grid_size)
+    table = build_sincos2d_pos_embed(grid, vit.embed_dim)  # (H * W, D)
+    prefix = vit.pos_embed.shape[1] - table.shape[0]
+    with torch.no_grad():
+        vit.pos_embed.copy_(torch.cat([torch.zeros(prefix, vit.embed_dim), table])[None])
+    vit.pos_embed.requires_grad_(False)
 
 
 def conv_stem(in_chans: int, channels: list[int]) -> nn.Sequential:

@@ -99,7 +99,7 @@ def _measured_cost_fn(cfg):
 def _export(args: argparse.Namespace) -> int:
     from accelvit.export import export_backbone
 
-    out = export_backbone(Path(args.run_dir), Path(args.output), args.checkpoint)
+    out = export_backbone(Path(args.run_dir), Path(args.output), args.checkpoint, args.encoder)
     print(f"backbone written to {out}")
     return 0
 
@@ -108,9 +108,9 @@ def _eval(args: argparse.Namespace) -> int:
     from accelvit.evaluate import EVAL_FILE, evaluate_run
 
     run_dir = Path(args.run_dir)
-    result = evaluate_run(run_dir, args.checkpoint, linear=args.linear, pixels=args.pixels)
+    result = evaluate_run(run_dir, args.checkpoint, args.linear, args.pixels, args.encoder)
     print(
-        f"step {result['step']}: kNN top-1 {result['knn_top1']:.4f} "
+        f"step {result['step']} ({result['encoder']}): kNN top-1 {result['knn_top1']:.4f} "
         f"(k={result['k']}, {result['train_size']} train / {result['test_size']} test images)"
     )
     if "linear_top1" in result:
@@ -217,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accelvit", description="Cheaper self-supervised ViT pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def encoder_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--encoder",
+            choices=["student", "teacher"],
+            help="student or the momentum teacher (default: eval.encoder, else the objective's reference)",
+        )
+
     def overrides(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--set",
@@ -250,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--checkpoint", help="checkpoint name, e.g. step_500 (default: newest)")
+    encoder_option(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="kNN top-1 of a run's backbone on its dataset's labelled splits")
@@ -257,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint name, e.g. step_500 (default: newest)")
     p.add_argument("--linear", action="store_true", help="also train a linear probe")
     p.add_argument("--pixels", action="store_true", help="also the raw-pixel kNN baseline")
+    encoder_option(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("grad-error", help="compare compressed and full-input gradients")

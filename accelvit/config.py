@@ -50,6 +50,13 @@ class ModelConfig:
     attn_skip: bool = _doc(True, "false removes the skip connection around self-attention (ablation)")
     token_precondition: str = _doc("none", "none, or svd: spectral preconditioning of the patch tokens")
     precondition_alpha: float = _doc(1.0, "svd preconditioning: singular values s -> s^a s_max^(1-a)")
+    pos_embed: str = _doc(
+        "learn",
+        "learn: timm's learned position embedding; sincos: fixed 2-D sin-cos (MoCo-v3's ViT), not trained",
+    )
+    freeze_patch_embed: bool = _doc(
+        False, "stop-gradient on the patch projection (MoCo-v3's ViT stabiliser): it stays at its random init"
+    )
     stem: list[int] = _doc(
         [],
         "convolutional stem: channels of 3x3 stride-2 conv + batch-norm + ReLU layers ahead of the patch "
@@ -96,6 +103,12 @@ class ObjectiveConfig:
     local_crop_size: int | None = _doc(
         None, "dino: local crop side in pixels (null: 96/224 of model.image_size, a multiple of patch_size)"
     )
+    norm_last_layer: bool = _doc(
+        True, "dino: fix the norm of the prototype layer (the reference's default; false for small ViTs)"
+    )
+    freeze_last_layer: float = _doc(
+        0.01, "dino: fraction of training in which the prototype layer is not updated (reference: 1 epoch)"
+    )
 
 
 @dataclass
@@ -107,6 +120,11 @@ class EvalConfig:
     batch_size: int = _doc(256, "images per forward pass when extracting features")
     linear: bool = _doc(False, "also train a linear probe on frozen features")
     linear_epochs: int = _doc(10, "epochs of the linear probe")
+    encoder: str | None = _doc(
+        None,
+        "encoder to evaluate and export: student, or teacher (the momentum encoder of mocov3 and dino); "
+        "null: the objective's reference choice (dino: teacher, others: student)",
+    )
 
 
 @dataclass
@@ -153,7 +171,12 @@ class ScheduleConfig:
 class OptimConfig:
     lr: float = _doc(1e-3, "peak learning rate of AdamW (no automatic batch-size scaling)")
     min_lr: float = _doc(0.0, "learning rate at the end of the cosine decay")
-    weight_decay: float = _doc(0.05, "AdamW weight decay (not applied to biases, norms, tokens)")
+    weight_decay: float = _doc(
+        0.05, "AdamW weight decay (not on biases, norms, prefix tokens, position embeddings, value_lambdas)"
+    )
+    weight_decay_end: float | None = _doc(
+        None, "weight decay at the end of training, cosine from weight_decay (DINO: 0.04 -> 0.4; null: none)"
+    )
     warmup: float = _doc(0.1, "fraction of training spent in linear learning-rate warm-up")
     decay: str = _doc("cosine", "learning-rate decay after warm-up: cosine, or poly (power `poly_power`)")
     poly_power: float = _doc(2.0, "power of the poly decay (2 is recommended for budgeted runs)")
@@ -425,6 +448,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for name in ("embed_dim", "depth", "num_heads"):
         value = getattr(m, name)
         _require(value is None or value > 0, f"model.{name}", value, "must be positive or null")
+    _require(m.pos_embed in ("learn", "sincos"), "model.pos_embed", m.pos_embed, "expected learn or sincos")
+    _require(
+        m.pos_embed != "sincos" or m.embed_dim is None or m.embed_dim % 4 == 0,
+        "model.embed_dim",
+        m.embed_dim,
+        "model.pos_embed: sincos needs a multiple of 4",
+    )
     _require(all(c > 0 for c in m.stem), "model.stem", m.stem, "channels must be positive")
     stride = stem_stride(m.stem)
     _require(
@@ -480,6 +510,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "must be a fraction in (0, 1]",
     )
     _require(o.local_crops >= 0, "objective.local_crops", o.local_crops, "must be >= 0")
+    _require(
+        0 <= o.freeze_last_layer < 1, "objective.freeze_last_layer", o.freeze_last_layer, "must be in [0, 1)"
+    )
     if o.local_crop_size is not None:
         _require(
             0 < o.local_crop_size <= m.image_size and o.local_crop_size % m.patch_size == 0,
@@ -522,6 +555,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(op.poly_power > 0, "optim.poly_power", op.poly_power, "must be positive")
     _require(0 <= op.min_lr <= op.lr, "optim.min_lr", op.min_lr, "must be in [0, optim.lr]")
     _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
+    _require(
+        op.weight_decay_end is None or op.weight_decay_end >= 0,
+        "optim.weight_decay_end",
+        op.weight_decay_end,
+        "must be >= 0 or null",
+    )
     _require(0 <= op.warmup < 1, "optim.warmup", op.warmup, "must be a fraction in [0, 1)")
     _require(op.clip_grad is None or op.clip_grad > 0, "optim.clip_grad", op.clip_grad, "must be > 0")
 
@@ -557,6 +596,18 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         _require(value is None or value > 0, f"eval.{name}", value, "must be positive or null")
     _require(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
     _require(e.linear_epochs > 0, "eval.linear_epochs", e.linear_epochs, "must be positive")
+    _require(
+        e.encoder in (None, "student", "teacher"),
+        "eval.encoder",
+        e.encoder,
+        "expected student, teacher or null",
+    )
+    _require(
+        e.encoder != "teacher" or o.name != "simclr",
+        "eval.encoder",
+        e.encoder,
+        f"objective {o.name} has no teacher (momentum) encoder",
+    )
     _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
     _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
     _require(t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16")

@@ -24,7 +24,7 @@ from accelvit.checkpoint import RECIPE, checkpoint_step, write_atomic
 from accelvit.compress import forward_features
 from accelvit.config import ConfigError, DataConfig, EvalConfig, ModelConfig, load_config
 from accelvit.data import load_dataset
-from accelvit.export import backbone_weights, resolve_checkpoint
+from accelvit.export import backbone_weights, chosen_encoder, resolve_checkpoint
 
 EVAL_FILE = "eval.json"
 
@@ -162,17 +162,26 @@ def pixel_knn(model: ModelConfig, data: DataConfig, cfg: EvalConfig) -> float:
     return knn_top1(train, test, cfg.k, cfg.temperature)
 
 
-def load_backbone(run_dir: Path, checkpoint: str | None = None) -> tuple[VisionTransformer, int]:
-    """The backbone of a run's checkpoint (newest by default) and that checkpoint's step."""
+def load_backbone(
+    run_dir: Path, checkpoint: str | None = None, encoder: str | None = None
+) -> tuple[VisionTransformer, int]:
+    """The backbone of a run's checkpoint (newest by default) and that checkpoint's step.
+
+    `encoder`: student or teacher (null: `eval.encoder`, else the objective's reference choice).
+    """
     cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
     vit = build_backbone(cfg.model)
-    vit.load_state_dict(backbone_weights(path))
+    vit.load_state_dict(backbone_weights(path, chosen_encoder(cfg, encoder)))
     return vit, checkpoint_step(path)
 
 
 def evaluate_run(
-    run_dir: Path, checkpoint: str | None = None, linear: bool = False, pixels: bool = False
+    run_dir: Path,
+    checkpoint: str | None = None,
+    linear: bool = False,
+    pixels: bool = False,
+    encoder: str | None = None,
 ) -> dict:
     """Evaluate a run's checkpoint; writes RUN_DIR/eval.json and returns its content."""
     if not (run_dir / RECIPE).is_file():
@@ -180,9 +189,14 @@ def evaluate_run(
     cfg = load_config(run_dir / RECIPE)
     if linear:
         cfg.eval.linear = True
-    vit, step = load_backbone(run_dir, checkpoint)
+    vit, step = load_backbone(run_dir, checkpoint, encoder)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"step": step, **evaluate_backbone(vit.to(device), cfg.model, cfg.data, cfg.eval, device)}
+    which = "student" if chosen_encoder(cfg, encoder) == "backbone" else "teacher"
+    result = {
+        "step": step,
+        "encoder": which,
+        **evaluate_backbone(vit.to(device), cfg.model, cfg.data, cfg.eval, device),
+    }
     if pixels:
         result["pixel_knn_top1"] = pixel_knn(cfg.model, cfg.data, cfg.eval)
     write_atomic(run_dir / EVAL_FILE, json.dumps(result, indent=1) + "\n")

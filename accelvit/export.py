@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from accelvit.arch import EXTRA_PARAMETERS
 from accelvit.backbone import timm_kwargs
 from accelvit.checkpoint import RECIPE, latest_checkpoint, verify_checkpoint
-from accelvit.config import ConfigError, load_config
+from accelvit.config import Config, ConfigError, load_config
+from accelvit.objectives import encoder_name
 
 BACKBONE_PREFIX = "backbone."
 STEM_PREFIX = "patch_embed.backbone."  # timm's HybridEmbed keeps the convolutional stem there
@@ -30,14 +31,22 @@ def resolve_checkpoint(run_dir: Path, name: str | None = None) -> Path:
     return path
 
 
-def backbone_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The backbone part of a checkpoint's model weights, with timm's key names."""
+def backbone_weights(checkpoint: Path, encoder: str = "backbone") -> dict[str, torch.Tensor]:
+    """One encoder's part of a checkpoint's model weights (`encoder`: the model attribute, e.g.
+    `teacher_backbone`), with timm's key names."""
+    prefix = encoder + "."
     weights = load_file(str(checkpoint / "model.safetensors"))
-    return {
-        k.removeprefix(BACKBONE_PREFIX): v.contiguous()
-        for k, v in weights.items()
-        if k.startswith(BACKBONE_PREFIX)
-    }
+    return {k.removeprefix(prefix): v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
+
+
+def chosen_encoder(cfg: Config, encoder: str | None) -> str:
+    """The model attribute of the encoder to use: `encoder` (student or teacher) if given, else the
+    recipe's `eval.encoder`, else the objective's reference choice."""
+    name = encoder or cfg.eval.encoder
+    try:
+        return encoder_name(cfg.objective.name, name)
+    except ValueError as exc:
+        raise ConfigError(f"--encoder {name}: {exc}") from None
 
 
 def is_extra(key: str) -> bool:
@@ -45,8 +54,12 @@ def is_extra(key: str) -> bool:
     return key in EXTRA_PARAMETERS or key.startswith(STEM_PREFIX)
 
 
-def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> Path:
+def export_backbone(
+    run_dir: Path, out: Path, checkpoint: str | None = None, encoder: str | None = None
+) -> Path:
     """Write the backbone weights with timm's key names to `out` (.safetensors).
+
+    `encoder`: student or teacher (null: `eval.encoder`, else the objective's reference choice).
 
     Load them with `timm.create_model(arch, **kwargs)` + `load_state_dict`; `arch` and `kwargs`
     are stored in the file's metadata. Architecture options (value residual, preconditioning, a
@@ -58,10 +71,12 @@ def export_backbone(run_dir: Path, out: Path, checkpoint: str | None = None) -> 
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
     cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
-    backbone = backbone_weights(path)
+    attribute = chosen_encoder(cfg, encoder)
+    backbone = backbone_weights(path, attribute)
     kwargs = timm_kwargs(cfg.model)
     metadata = {
         "arch": cfg.model.arch,
+        "encoder": "student" if attribute == "backbone" else "teacher",
         "timm_kwargs": json.dumps(kwargs),
         "checkpoint": path.name,
         "extra_parameters": json.dumps(sorted(k for k in backbone if is_extra(k))),

@@ -126,6 +126,16 @@ def lr_at(cfg: OptimConfig, progress: float) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
 
 
+def weight_decay_at(cfg: OptimConfig, progress: float) -> float:
+    """Cosine from `cfg.weight_decay` at progress 0 to `cfg.weight_decay_end` at 1 (DINO's schedule,
+    no warm-up); constant when the end is null."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    t = min(max(progress, 0.0), 1.0)
+    start, end = cfg.weight_decay, cfg.weight_decay_end
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def current_setting(
     cfg: ScheduleConfig,
     progress: float,

@@ -54,10 +54,11 @@ from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import any_process, use_cpu
 from accelvit.evaluate import evaluate_backbone
 from accelvit.gradbias import estimate_model, strategies_or_default
-from accelvit.objectives import OBJECTIVES, buffer_restorer
+from accelvit.monitor import collapse_warning
+from accelvit.objectives import OBJECTIVES, buffer_restorer, encoder_name
 from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
-from accelvit.schedule import Setting, current_setting, due_points, lr_at, setting_of
+from accelvit.schedule import Setting, current_setting, due_points, lr_at, setting_of, weight_decay_at
 
 
 @dataclass
@@ -67,13 +68,18 @@ class RunResult:
     stopped: bool  # True when a signal ended the run before its end
 
 
+NO_DECAY = ("pos_embed", "cls_token", "reg_token", "value_lambdas")  # besides every 1-D parameter
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; biases, norms, position embeddings and prefix tokens get no weight decay."""
+    """AdamW; biases, norms, position embeddings, prefix tokens and the value-residual mixing scalars
+    get no weight decay. The first parameter group is the one that decays (`weight_decay_at`)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+        # value_lambdas is (depth, 2): decay would pull the mixing toward 0, not regularise weights
+        skip = param.ndim <= 1 or name.endswith(NO_DECAY)
         (no_decay if skip else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
@@ -99,6 +105,7 @@ def train_step(
     loss = model(views, setting, progress)
     accelerator.backward(loss)
     grad_norm = _grad_norm(accelerator, model, clip_grad)
+    accelerator.unwrap_model(model).cancel_gradients(progress)  # after clipping, as DINO's reference
     # fp16: gradient overflow is the loss scaler's business (it skips the step itself)
     finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16"))
     finite = not any_process(accelerator, not bool(finite))
@@ -192,6 +199,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     stop = StopRequest()
     bar = _progress_bar(train, state, main)
     meter = _Meter()
+    warned = False  # a collapse warning is printed once a run
     try:
         batches = iter(loader)
         while not _finished(train, state):
@@ -241,9 +249,11 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             )
             step_units = cost(setting) * batch * world
             # the learning rate of the progress reached by this step: the first step must not get lr 0
-            lr = lr_at(cfg.optim, progress_of(train, state.step + 1, state.budget_spent + step_units))
+            reached = progress_of(train, state.step + 1, state.budget_spent + step_units)
+            lr = lr_at(cfg.optim, reached)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            optimizer.param_groups[0]["weight_decay"] = weight_decay_at(cfg.optim, progress)
 
             # Forward, backward, step, momentum; a non-finite loss or gradient skips the step or stops
             loss, grad_norm, finite = train_step(
@@ -267,7 +277,12 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             # Log
             if state.step % train.log_every == 0 or _finished(train, state):
                 record = _log_record(accelerator, meter, state, train, lr, setting, shape)
+                record.update(_monitors(accelerator, accelerator.unwrap_model(model).monitors))
                 meter = _Meter()
+                warning = collapse_warning(record, shape.embed_dim) if record["progress"] >= 0.1 else None
+                if main and warning and not warned:
+                    bar.write(f"warning: {warning}")
+                    warned = True
                 if main:
                     with open(run_dir / METRICS, "a") as f:
                         f.write(json.dumps(record) + "\n")
@@ -282,7 +297,8 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             # Evaluate (kNN on the labelled splits, main process)
             if train.eval_every and state.step % train.eval_every == 0:
                 if main:
-                    backbone = accelerator.unwrap_model(model).backbone
+                    encoder = encoder_name(cfg.objective.name, cfg.eval.encoder)
+                    backbone = getattr(accelerator.unwrap_model(model), encoder)
                     result = evaluate_backbone(backbone, cfg.model, cfg.data, cfg.eval, accelerator.device)
                     with open(run_dir / METRICS, "a") as f:
                         f.write(json.dumps({"step": state.step, "knn_top1": result["knn_top1"]}) + "\n")
@@ -345,6 +361,14 @@ def _log_record(
         **{k: v for k, v in extra.items() if v},
         **meter.rates(),
     }
+
+
+def _monitors(accelerator: Accelerator, monitors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The last step's collapse monitors, averaged over processes."""
+    if not monitors:
+        return {}
+    values = accelerator.reduce(torch.stack(list(monitors.values())).float(), "mean").tolist()
+    return {k: round(v, 6) for k, v in zip(monitors, values, strict=True)}
 
 
 class NonFiniteError(RuntimeError):

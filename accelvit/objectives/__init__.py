@@ -1,8 +1,9 @@
 """Pretraining objectives: a plain dict from `objective.name` to how to build it.
 
 An objective is an `nn.Module` built as `build(cfg, backbone, dropout_views)` whose
-`forward(views, setting, progress)` returns the loss and whose `update_momentum(progress)` runs
-after each optimizer step, plus `transform(objective_cfg, model_cfg, data_cfg)` that turns one
+`forward(views, setting, progress)` returns the loss (and leaves its collapse monitors, detached, in
+`monitors`), whose `cancel_gradients(progress)` runs between backward and the optimizer step and whose
+`update_momentum(progress)` runs after it, plus `transform(objective_cfg, model_cfg, data_cfg)` that turns one
 image into its list of views and `branches(objective_cfg, model_cfg, dropout_views)` that lists a
 step's encoder passes for the cost model.
 A new objective is one module and one entry here.
@@ -27,6 +28,8 @@ class Objective:
     transform: Callable[..., Callable]
     branches: Callable[..., list[Branch]]
     view_specs: Callable[..., list[ViewSpec]]  # data.augment: device
+    teacher: str | None = None  # attribute of the momentum (EMA) backbone, if the objective has one
+    evaluates: str = "student"  # the encoder the reference evaluates: student or teacher
 
 
 def buffer_restorer(model: nn.Module) -> Callable[[], None]:
@@ -56,11 +59,24 @@ OBJECTIVES: dict[str, Objective] = {
         transform=mocov3.build_transform,
         branches=mocov3.branches,
         view_specs=mocov3.view_specs,
+        teacher="momentum_backbone",  # the reference evaluates and fine-tunes the base encoder
     ),
     "dino": Objective(
         build=dino.DINO,
         transform=dino.build_transform,
         branches=dino.branches,
         view_specs=dino.view_specs,
+        teacher="teacher_backbone",
+        evaluates="teacher",  # DINO's kNN uses the teacher, better throughout training (its section 5.2)
     ),
 }
+
+
+def encoder_name(objective: str, encoder: str | None) -> str:
+    """The model attribute holding the backbone to evaluate and export (`eval.encoder`)."""
+    entry = OBJECTIVES[objective]
+    if (encoder or entry.evaluates) == "student":
+        return "backbone"
+    if entry.teacher is None:
+        raise ValueError(f"objective {objective} has no teacher (momentum) encoder")
+    return entry.teacher

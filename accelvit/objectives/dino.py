@@ -5,6 +5,11 @@ The teacher sees the two global crops; the student sees all crops. Token dropout
 student's views (global and local); the teacher sees full token sets unless
 `schedule.dropout_views: all`. Patch scaling applies to every view: local crops use the allowed
 patch size of their own resolution nearest to the step's patch size (`patch_for_size`).
+
+As in the reference (facebookresearch/dino, `main_dino.py`): the prototype (last) layer is not updated
+for the first `objective.freeze_last_layer` of training, and its norm is fixed unless
+`objective.norm_last_layer: false` (the reference's advice for small ViTs). kNN evaluation and export
+use the teacher by default (`eval.encoder`), which the paper finds better throughout training.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
 from accelvit.compress import base_patch_size, forward_features, stem_stride
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
+from accelvit.monitor import feature_monitors, teacher_monitors
 from accelvit.objectives.momentum import momentum_at
 from accelvit.schedule import Setting, patch_for_size
 
@@ -37,7 +43,14 @@ class DINO(nn.Module):
         self.backbone = backbone
 
         def head() -> DINOProjectionHead:
-            return DINOProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim)
+            return DINOProjectionHead(
+                backbone.num_features,
+                cfg.hidden_dim,
+                cfg.bottleneck_dim,
+                cfg.out_dim,
+                freeze_last_layer=1,  # "epoch" 0 is the frozen span: see `cancel_gradients`
+                norm_last_layer=cfg.norm_last_layer,
+            )
 
         self.head = head()
         self.teacher_backbone = copy.deepcopy(backbone)
@@ -54,6 +67,7 @@ class DINO(nn.Module):
         )
         self.cfg = cfg
         self.drop_teacher = dropout_views == "all"
+        self.monitors: dict[str, torch.Tensor] = {}
 
     def teacher_temp(self, progress: float) -> float:
         """Linear warm-up of the teacher temperature over `teacher_temp_warmup` of training."""
@@ -70,8 +84,12 @@ class DINO(nn.Module):
             teacher_setting = setting if self.drop_teacher else setting.full_tokens()
             teacher = self.teacher_head(
                 forward_features(self.teacher_backbone, torch.cat(global_views), teacher_setting)
-            ).chunk(2)
-        student = list(self.head(forward_features(self.backbone, torch.cat(global_views), setting)).chunk(2))
+            )
+        features = forward_features(self.backbone, torch.cat(global_views), setting)
+        student = list(self.head(features).chunk(2))
+        temp = self.teacher_temp(progress)
+        center = self.criterion.center  # before this batch updates it: the one the loss uses
+        self.monitors = {**feature_monitors(features), **teacher_monitors(teacher, center, temp)}
         if local_views:
             size = local_views[0].shape[-1]
             local_patch = patch_for_size(
@@ -81,7 +99,12 @@ class DINO(nn.Module):
                 forward_features(self.backbone, torch.cat(local_views), replace(setting, patch=local_patch))
             )
             student += list(local.chunk(len(local_views)))
-        return self.criterion(list(teacher), student, teacher_temp=self.teacher_temp(progress))
+        return self.criterion(list(teacher.chunk(2)), student, teacher_temp=temp)
+
+    def cancel_gradients(self, progress: float) -> None:
+        """Drop the prototype layer's gradients in the frozen span (the reference: its first epoch)."""
+        if progress < self.cfg.freeze_last_layer:
+            self.head.cancel_last_layer_gradients(current_epoch=0)
 
     @torch.no_grad()
     def update_momentum(self, progress: float) -> None:

@@ -3,6 +3,10 @@ momentum key encoder, symmetric contrastive loss against the other view's keys.
 
 Token dropout goes to the query views (the gradient-carrying branch); keys see the full token set
 unless `schedule.dropout_views: all`. Patch scaling applies to queries and keys alike.
+
+As in the reference builder (facebookresearch/moco-v3, `moco/builder.py`), each view passes the
+encoders on its own, so batch norm in the heads normalises over one view's batch, and the last batch
+norm of projector and predictor has no affine parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from lightly.models.modules import MoCoProjectionHead
+from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 from lightly.utils import dist
@@ -24,6 +28,7 @@ from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
+from accelvit.monitor import feature_monitors
 from accelvit.objectives.momentum import momentum_at
 from accelvit.schedule import Setting
 
@@ -48,18 +53,24 @@ def contrastive_loss(
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
+def mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int) -> ProjectionHead:
+    """The reference's `_build_mlp`: Linear (no bias) + BN + ReLU blocks, a last BN without affine."""
+    blocks = [
+        (input_dim if i == 0 else hidden_dim, hidden_dim, nn.BatchNorm1d(hidden_dim), nn.ReLU())
+        for i in range(num_layers - 1)
+    ]
+    blocks.append((hidden_dim, output_dim, nn.BatchNorm1d(output_dim, affine=False), None))
+    return ProjectionHead(blocks)
+
+
 class MoCoV3(nn.Module):
     """Query encoder (backbone, projection, prediction) and momentum key encoder."""
 
     def __init__(self, cfg: ObjectiveConfig, backbone: VisionTransformer, dropout_views: str):
         super().__init__()
         self.backbone = backbone
-        self.projection = MoCoProjectionHead(
-            backbone.num_features, cfg.hidden_dim, cfg.out_dim, num_layers=3, batch_norm=True
-        )
-        self.prediction = MoCoProjectionHead(
-            cfg.out_dim, cfg.hidden_dim, cfg.out_dim, num_layers=2, batch_norm=True
-        )
+        self.projection = mlp(3, backbone.num_features, cfg.hidden_dim, cfg.out_dim)
+        self.prediction = mlp(2, cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
         self.momentum_backbone = copy.deepcopy(backbone)
         self.momentum_projection = copy.deepcopy(self.projection)
         deactivate_requires_grad(self.momentum_backbone)
@@ -68,18 +79,27 @@ class MoCoV3(nn.Module):
         self.momentum = cfg.momentum
         self.drop_keys = dropout_views == "all"
         self.gather_distributed = True  # negatives from every process
+        self.monitors: dict[str, torch.Tensor] = {}
 
     def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
-        """Symmetric loss of two views (B, C, H, W): each view is the query once."""
-        x = torch.cat(views)
-        query = self.prediction(self.projection(forward_features(self.backbone, x, setting)))
+        """Symmetric loss of two views (B, C, H, W): each view is the query once.
+
+        One encoder pass per view: batch norm sees B images, never both views at once.
+        """
+        features = [forward_features(self.backbone, x, setting) for x in views]
+        self.monitors = feature_monitors(features[0])
+        q0, q1 = (self.prediction(self.projection(f)) for f in features)
         with torch.no_grad():
             key_setting = setting if self.drop_keys else setting.full_tokens()
-            key = self.momentum_projection(forward_features(self.momentum_backbone, x, key_setting))
-        q0, q1 = query.chunk(2)
-        k0, k1 = key.chunk(2)
+            k0, k1 = (
+                self.momentum_projection(forward_features(self.momentum_backbone, x, key_setting))
+                for x in views
+            )
         t, gather = self.temperature, self.gather_distributed
         return contrastive_loss(q0, k1, t, gather) + contrastive_loss(q1, k0, t, gather)
+
+    def cancel_gradients(self, progress: float) -> None:
+        """Every parameter is trained at every step."""
 
     @torch.no_grad()
     def update_momentum(self, progress: float) -> None:

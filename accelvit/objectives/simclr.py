@@ -18,6 +18,7 @@ from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
+from accelvit.monitor import feature_monitors
 from accelvit.schedule import Setting
 
 
@@ -29,13 +30,19 @@ class SimCLR(nn.Module):
         self.backbone = backbone
         self.head = SimCLRProjectionHead(backbone.num_features, cfg.hidden_dim, cfg.out_dim)
         self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=True)
+        self.monitors: dict[str, torch.Tensor] = {}
 
     def forward(self, views: list[torch.Tensor], setting: Setting, progress: float) -> torch.Tensor:
         """Loss for two batches of views, each (B, C, H, W); one backbone pass over both."""
         x0, x1 = views
-        z = self.head(forward_features(self.backbone, torch.cat([x0, x1]), setting))
+        features = forward_features(self.backbone, torch.cat([x0, x1]), setting)
+        self.monitors = feature_monitors(features[: len(x0)])
+        z = self.head(features)
         z0, z1 = z.chunk(2)
         return self.criterion(z0, z1)
+
+    def cancel_gradients(self, progress: float) -> None:
+        """Every parameter is trained at every step."""
 
     def update_momentum(self, progress: float) -> None:
         """SimCLR has no momentum encoder."""
