@@ -38,6 +38,20 @@ def model_shape(cfg):
         return vit_shape(build_backbone(cfg.model), cfg.model.image_size)
 
 
+def untrained_knn(recipe: Path, overrides: list[str]) -> float:
+    """kNN top-1 of the recipe's backbone at initialisation (the run's seed): the floor to beat."""
+    from accelerate.utils import set_seed
+
+    from accelvit.backbone import build_backbone
+    from accelvit.config import load_config
+    from accelvit.evaluate import evaluate_backbone
+
+    cfg = load_config(recipe, overrides)
+    set_seed(cfg.train.seed)  # as `pretrain` seeds before it builds the backbone
+    vit = build_backbone(cfg.model)
+    return evaluate_backbone(vit, cfg.model, cfg.data, cfg.eval, device())["knn_top1"]
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import BUDGETED_RUN, REPO, SMOKE_RECIPE, device, model_shape, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    BUDGETED_RUN,
+    REPO,
+    SMOKE_RECIPE,
+    model_shape,
+    untrained_knn,
+    write_result,
+)
 
 QUICK = ["model.depth=4", "train.batch_size=64", "eval.train_limit=5000", "eval.test_limit=1000"]
 GPU = ["train.batch_size=256", "train.precision=bf16", "eval.train_limit=null", "eval.test_limit=null"]
@@ -65,20 +72,6 @@ def train_and_eval(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
     result = pretrain(cfg, run_dir)
     wall = time.perf_counter() - tick
     return {"steps": result.step, "wall_s": wall, "knn_top1": evaluate_run(run_dir)["knn_top1"]}
-
-
-def untrained_knn(recipe: Path, overrides: list[str]) -> float:
-    """kNN top-1 of the recipe's backbone at initialisation (the run's seed): the floor to beat."""
-    from accelerate.utils import set_seed
-
-    from accelvit.backbone import build_backbone
-    from accelvit.config import load_config
-    from accelvit.evaluate import evaluate_backbone
-
-    cfg = load_config(recipe, [*overrides, "train.budget=1"])
-    set_seed(cfg.train.seed)  # as `pretrain` seeds before it builds the backbone
-    vit = build_backbone(cfg.model)
-    return evaluate_backbone(vit, cfg.model, cfg.data, cfg.eval, device())["knn_top1"]
 
 
 def full_step_units(recipe: Path, overrides: list[str]) -> float:
@@ -130,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows, summary, untrained = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in objectives:
-            unit = full_step_units(REPO / f"recipes/{name}-fmnist-baseline.yaml", common)
-            untrained[name] = untrained_knn(REPO / f"recipes/{name}-fmnist-baseline.yaml", common)
+            baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
+            unit = full_step_units(baseline, common)
+            untrained[name] = untrained_knn(baseline, [*common, "train.budget=1"])
             print(f"{name:>7} untrained backbone: kNN top-1 {untrained[name]:.4f}", flush=True)
             for i in range(args.budgets):
                 budget = args.base_steps * 2**i * unit

@@ -121,3 +121,29 @@ def test_compression_study_smoke(tmp_path):
     assert abs(rows[1]["flops"] - rows[0]["flops"]) < 0.05 and abs(rows[4]["flops"] - rows[2]["flops"]) < 0.05
     assert (tmp_path / "study-grad_error.md").exists() and (tmp_path / "study-entropy.png").stat().st_size > 0
     assert len(result["final_entropy"]["merge"]) == 2  # one entropy per block
+
+
+def test_learning_smoke_reuses_finished_runs_and_resumes_unfinished(tmp_path):
+    import shutil
+
+    from benchmarks import learning
+
+    out, runs = tmp_path / "learning.json", tmp_path / "runs"
+    argv = ["--smoke", "--objectives", "mocov3", "--seeds", "0,1", "--runs", str(runs), "-o", str(out)]
+    result = written(out, learning.main(argv))
+    rows = result["rows"]
+    # seed 0 at 1/4, 1/2 and all of the 8 steps; the second seed at the full budget only
+    assert [(r["seed"], r["step"], r["budget"]) for r in rows] == [(0, 2, 0.25), (0, 4, 0.5), (0, 8, 1.0), (1, 8, 1.0)]
+    assert all(0 <= r["knn_top1"] <= 1 and r["encoder"] == "student" for r in rows)
+    assert 0 < rows[0]["minutes"] <= rows[1]["minutes"] <= rows[2]["minutes"]
+    assert {r["untrained_knn"] for r in rows} == {result["floors"]["mocov3"]["untrained_knn"]}
+    assert out.with_suffix(".png").is_file()
+
+    # a second sitting: the finished seed is reused as it is, the unfinished one resumed to the end
+    run0, run1 = runs / "smoke/mocov3-seed0", runs / "smoke/mocov3-seed1"
+    untouched = (run0 / "metrics.jsonl").read_text()
+    shutil.rmtree(run1 / "checkpoints/step_8")
+    again = written(out, learning.main(argv))
+    assert (run0 / "metrics.jsonl").read_text() == untouched
+    assert (run1 / "checkpoints/step_8").is_dir()
+    assert [r["knn_top1"] for r in again["rows"]] == [r["knn_top1"] for r in rows]  # bit-exact resume

@@ -1,0 +1,211 @@
+"""Does it learn? Each objective's uncompressed baseline recipe, trained to its full budget.
+
+For SimCLR, MoCo-v3 and DINO it trains `recipes/OBJ-fmnist-baseline.yaml` (seed 0, and more seeds
+with `--seeds`), then scores the checkpoints at 1/4, 1/2 and all of the recipe's steps (kNN top-1 of
+the encoder the objective evaluates, `eval.encoder`) against two floors: the untrained backbone and
+raw pixels, on the recipe's own train/test split. A run that a baseline does not lift clearly above
+both floors has measured nothing about acceleration.
+
+Each run is an accelvit run directory under `--runs`: a finished one is reused, an unfinished one
+resumed, so the measurement can span several sittings (stop it with Ctrl-C or SIGTERM: the run
+checkpoints first). Rows are written to the JSON as they come. Minutes are training time to the
+checkpoint, summed from the run's metrics.jsonl (step and data time, not evaluation or saving).
+
+    python -m benchmarks.learning                         # all three, seed 0 (about 2 hours on 2 CPU cores)
+    python -m benchmarks.learning --objectives mocov3 --seeds 0,1
+    python -m benchmarks.learning --smoke                 # synthetic data, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
+from benchmarks.common import REPO, RESULTS, SMOKE_RECIPE, device, untrained_knn, write_result  # noqa: E402
+
+if TYPE_CHECKING:
+    from accelvit.config import TrainConfig
+
+FRACTIONS = (0.25, 0.5, 1.0)
+SMOKE = [
+    *SMOKE_RECIPE,
+    "train.steps=8",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=4",
+    "train.log_every=1",
+    "train.eval_every=null",
+    "eval.train_limit=64",
+    "eval.test_limit=32",
+    "objective.local_crops=0",
+    "objective.hidden_dim=32",
+    "objective.bottleneck_dim=16",
+    "objective.out_dim=32",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--objectives", default="simclr,mocov3,dino")
+    p.add_argument("--seeds", default="0", help="train.seed of each run, e.g. 0,1 (default 0)")
+    p.add_argument("--runs", default=str(REPO / "runs" / "learning"), help="folder of the run directories")
+    p.add_argument("--smoke", action="store_true", help="tiny model, synthetic data, 8 steps")
+    p.add_argument("-o", "--output", help="JSON to write (default benchmarks/results/learning-DEVICE.json)")
+    return p.parse_args(argv)
+
+
+def train(recipe: Path, overrides: list[str], run_dir: Path) -> None:
+    """Train `run_dir` to its end: create it, resume it, or leave a finished run as it is."""
+    from accelvit.checkpoint import RECIPE, create_run_dir, latest_checkpoint
+    from accelvit.config import load_config
+    from accelvit.train import pretrain
+
+    if not (run_dir / RECIPE).is_file():
+        cfg = load_config(recipe, overrides)
+        create_run_dir(run_dir, cfg)
+        result = pretrain(cfg, run_dir)
+    else:
+        cfg = load_config(run_dir / RECIPE)
+        last = latest_checkpoint(run_dir)
+        if last is not None and last.name == f"step_{cfg.train.steps}":
+            return
+        result = pretrain(cfg, run_dir, resume=last is not None)
+    if result.stopped:
+        raise SystemExit(f"stopped; run the benchmark again to resume {run_dir}")
+
+
+def recipe_digest(run_dir: Path) -> str:
+    """What a reused row must match: the run's resolved recipe (a retrained run is scored again)."""
+    import hashlib
+
+    from accelvit.checkpoint import RECIPE
+
+    return hashlib.sha256((run_dir / RECIPE).read_bytes()).hexdigest()[:16]
+
+
+def minutes_to(run_dir: Path, step: int) -> float:
+    """Training minutes up to `step`: the step and data time of every metrics line up to it."""
+    seconds = 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["step"] <= step and "step_s" in record:
+            seconds += record["step_s"] + record["data_s"]
+    return seconds / 60
+
+
+def checkpoint_steps(train: TrainConfig) -> list[int]:
+    """The checkpoints at FRACTIONS of the recipe's steps: each one it writes, keeps and logs at."""
+    wanted = [round(f * train.steps) for f in FRACTIONS]
+    missing = [s for s in wanted if s % train.checkpoint_every or s % train.log_every]
+    if missing or train.keep_checkpoints < len(wanted):
+        raise SystemExit(
+            f"the recipe must checkpoint and log at steps {wanted} and keep {len(wanted)} checkpoints "
+            f"(train.checkpoint_every {train.checkpoint_every}, log_every {train.log_every}, "
+            f"keep_checkpoints {train.keep_checkpoints})"
+        )
+    return wanted
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from accelvit.config import load_config
+    from accelvit.evaluate import evaluate_run, pixel_knn
+
+    args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = Path(args.runs) / ("smoke" if args.smoke else "")
+    out = args.output or str(RESULTS / f"learning{'-smoke' if args.smoke else ''}-{device().type}.json")
+    done = {(r["run_recipe"], r["step"]): r for r in _previous_rows(out)}
+    rows: list[dict] = []
+    floors: dict[str, dict] = {}
+    for name in args.objectives.split(","):
+        recipe = REPO / f"recipes/{name}-fmnist-baseline.yaml"
+        base = SMOKE if args.smoke else []
+        cfg = load_config(recipe, base)
+        floors[name] = {
+            "untrained_knn": untrained_knn(recipe, base),
+            "pixels_knn": pixel_knn(cfg.model, cfg.data, cfg.eval),
+        }
+        print(f"{name:>7}: untrained {floors[name]['untrained_knn']:.4f}, "
+              f"raw pixels {floors[name]['pixels_knn']:.4f}", flush=True)  # fmt: skip
+        wanted = checkpoint_steps(cfg.train)
+        for seed in seeds:
+            run_dir = runs / f"{name}-seed{seed}"
+            train(recipe, [*base, f"train.seed={seed}"], run_dir)
+            for step in wanted if seed == seeds[0] else wanted[-1:]:
+                identity = recipe_digest(run_dir)
+                row = done.get((identity, step))
+                if row is None:
+                    result = evaluate_run(run_dir, f"step_{step}")
+                    row = {
+                        "objective": name,
+                        "recipe": recipe.name,
+                        "seed": seed,
+                        "step": step,
+                        "budget": step / cfg.train.steps,
+                        "knn_top1": result["knn_top1"],
+                        "encoder": result["encoder"],
+                        **floors[name],
+                        "minutes": round(minutes_to(run_dir, step), 3),
+                        "run_recipe": identity,
+                    }
+                rows.append(row)
+                print(f"{name:>7} seed {seed} at {row['budget']:.2f} of the budget ({step} steps, "
+                      f"{row['minutes']:.1f} min): kNN top-1 {row['knn_top1']:.4f}", flush=True)  # fmt: skip
+                _write(rows, floors, seeds, out, runs)  # partial results as they come
+    print(format_table(rows))
+    plot(rows, Path(out).with_suffix(".png"))
+    return _write(rows, floors, seeds, out, runs)
+
+
+def _previous_rows(out: str) -> list[dict]:
+    path = Path(out)
+    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+
+
+def _write(rows: list[dict], floors: dict, seeds: list[int], out: str, runs: Path) -> dict:
+    result = {"seeds": seeds, "runs": str(runs), "floors": floors, "rows": rows}
+    return write_result("learning", result, out)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| objective | seed | budget | steps | minutes | kNN top-1 | untrained | raw pixels |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['objective']} | {r['seed']} | {r['budget']:.2f} | {r['step']} | {r['minutes']:.1f} "
+            f"| {r['knn_top1']:.4f} | {r['untrained_knn']:.4f} | {r['pixels_knn']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """kNN top-1 against the fraction of the budget, one panel per objective, floors drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["objective"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        mine = [r for r in rows if r["objective"] == name]
+        for seed in dict.fromkeys(r["seed"] for r in mine):
+            points = sorted((r["budget"], r["knn_top1"]) for r in mine if r["seed"] == seed)
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"seed {seed}")
+        ax.axhline(mine[0]["pixels_knn"], color="grey", linestyle="--", label="raw pixels")
+        ax.axhline(mine[0]["untrained_knn"], color="grey", linestyle=":", label="untrained")
+        ax.set(title=name, xlabel="fraction of the recipe's budget", ylabel="kNN top-1", xlim=(0, 1.05))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
