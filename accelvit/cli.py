@@ -176,7 +176,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from accelvit.gradbias import SCHEMA
-    from accelvit.plan import format_plan, plan, schedule_from_plan, write_schedule
+    from accelvit.plan import format_plan, plan, plan_warnings, schedule_from_plan, write_schedule
     from accelvit.report import load_grad_report
 
     paths = [Path(p) for p in args.reports]
@@ -184,8 +184,11 @@ def _plan(args: argparse.Namespace) -> int:
     bases = {r["model"]["patch_size"] for r in reports}
     if len(bases) != 1:
         raise ConfigError(f"the reports come from models with different base patch sizes {sorted(bases)}")
-    stages = plan(reports, bases.pop(), args.cost)
+    base = bases.pop()
+    stages = plan(reports, base, args.cost)
     print(format_plan(stages))
+    for warning in plan_warnings(reports, stages, base):
+        print(f"warning: {warning}")
     write_schedule(Path(args.output), schedule_from_plan(stages), [p.name for p in paths])
     print(f"schedule written to {args.output}; use it with --set schedule.file={args.output}")
     return 0
@@ -286,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="budget-optimal step schedule from grad-error reports")
     p.add_argument("reports", nargs="+", help="reports taken at several progress points of a run")
     p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
-    p.add_argument("--cost", default="measured", help="cost in CA-MSE: measured (as reported) or flops")
+    p.add_argument(
+        "--cost",
+        default="flops",
+        help="cost in CA-MSE: flops (analytic, the default: independent of machine load) or measured",
+    )
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("diagnose", help="plot attention entropy and condition numbers of runs")

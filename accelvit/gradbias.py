@@ -4,16 +4,22 @@ On K batches, the same augmented views give the full-input gradient g_k (keep 1,
 for each strategy s = (keep, patch), the compressed gradient ĝ_{s,k} (fresh token subsets). With
 paired differences d_{s,k} = ĝ_{s,k} - g_k it reports, over the whole model and per parameter group:
 
-- bias_sq: unbiased estimate of ||E d||^2 = ||mean d||^2 - tr Cov(d) / K (may be slightly negative),
-  and the plain ||mean d||^2 (`bias_sq_plain`);
-- relative_bias: ||mean d|| / ||mean g||;
+- bias_sq: unbiased estimate of ||E d||^2, the mean of d_i . d_j over pairs of batches i != j
+  (= ||mean d||^2 - tr Cov(d) / K; may be slightly negative), and the plain ||mean d||^2
+  (`bias_sq_plain`), which batch noise inflates by tr Cov(d) / K;
+- relative_bias: sqrt(bias_sq / ||E g||^2) with ||E g||^2 estimated the same unbiased way, and
+  `relative_bias_plain`, ||mean d|| / ||mean g|| (at K = 4 noise alone can make it read 100%);
 - variance: tr Cov(ĝ_s) per batch (and `variance_full` of g);
-- cosine: cos(mean ĝ_s, mean g), and `cosine_batch`, the mean per-batch cosine;
-- cost: measured step time relative to the full step, and `flops`, the analytic ratio;
+- cosine: cos(E ĝ_s, E g) from unbiased dot products (None when noise swamps them), `cosine_plain`
+  of the means and `cosine_batch`, the mean per-batch cosine;
+- cost: measured step time relative to the full step with its standard error over batches
+  (`cost_se`), and `flops`, the analytic ratio;
 - ca_mse = bias_sq + cost * variance: at a fixed compute budget a strategy that is c times cheaper
-  takes 1/c times as many steps, dividing its variance (Lin et al., NeurIPS 2024).
+  takes 1/c times as many steps, dividing its variance (Lin et al., NeurIPS 2024);
+- `bias_sq_se`, `ca_mse_se`: standard errors over batches, by the delete-one jackknife.
 
-Only running sums are kept (one vector per strategy plus scalars), reduced across processes; the
+Every estimate is a function of the Gram matrices of the K gradients, so the per-batch gradients are
+kept on the CPU (K x parameters x (strategies + 1) floats) and gathered across processes; the
 model's parameters, buffers and gradients are left as they were.
 """
 
@@ -79,26 +85,6 @@ def flat_grad(params: list[nn.Parameter]) -> torch.Tensor:
     )
 
 
-class _Sums:
-    """Per-strategy running sums: vector sum of gradients and per-group scalar sums."""
-
-    def __init__(self, size: int, num_groups: int, device: torch.device):
-        self.vec = torch.zeros(size, dtype=torch.float64, device=device)
-        # per group: sum ||ĝ_k||^2, sum ||d_k||^2, sum cos(ĝ_k, g_k); [0, 3]: seconds after batch 0
-        self.scalars = torch.zeros(num_groups + 1, 4, dtype=torch.float64, device=device)
-
-
-def _group_sq(x: torch.Tensor, groups: list[Group]) -> torch.Tensor:
-    return torch.stack(
-        [x[g.start : g.stop].double().square().sum() for g in groups] + [x.double().square().sum()]
-    )
-
-
-def _group_dot(x: torch.Tensor, y: torch.Tensor, groups: list[Group]) -> torch.Tensor:
-    dots = [(x[g.start : g.stop].double() * y[g.start : g.stop].double()).sum() for g in groups]
-    return torch.stack(dots + [(x.double() * y.double()).sum()])
-
-
 def gradient(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -141,10 +127,10 @@ def measure(
     strategies: list[Setting],
     base_patch: int,
     progress: float = 0.0,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict:
-    """Accumulate the statistics over `batches` (this process's share); returns raw sums.
+    """The per-batch gradients of full input and of each strategy over `batches` (this process's share).
 
     Args:
         model: the objective module, not wrapped for data parallelism (each process measures its
@@ -152,98 +138,173 @@ def measure(
             forward, so all strategies see the same state; parameters and gradients are untouched.
         batches: lists of view tensors, on the model's device.
         strategies: compressed settings to compare with Setting(1, base_patch).
-        reduce: `tensor -> tensor` summing over processes (default: identity).
+        gather: `tensor -> tensor` concatenating every process's rows (default: identity).
         autocast: mixed-precision context (e.g. `accelerator.autocast`).
     Returns:
-        `summarize`'s input: sums for the full gradient and each strategy, and the groups.
+        `summarize`'s input: the groups, the full gradients (K, P) and each strategy's (K, P), kept on
+        the CPU in float32 (K x P x (strategies + 1) x 4 bytes), and each gradient's seconds (K,) with
+        the batches that were timed (a process's first batch warms up kernels and caches).
     """
     params, groups = parameter_groups(model)
     saved_grads = [p.grad for p in params]
-    from accelvit.objectives import buffer_restorer
+    from accelvit.objectives import buffer_restorer  # deferred: objectives import the layers above
 
     restore_buffers = buffer_restorer(model)
-
-    device = params[0].device
-    size, ng = sum(p.numel() for p in params), len(groups)
-    full = _Sums(size, ng, device)
-    sums = [_Sums(size, ng, device) for _ in strategies]
-    count = torch.zeros((), dtype=torch.float64, device=device)
     full_setting = Setting(1.0, base_patch)
+    full: list[torch.Tensor] = []
+    per_strategy: list[list[torch.Tensor]] = [[] for _ in strategies]
+    seconds: list[list[float]] = []  # per batch: full, then each strategy
     try:
         for views in batches:
             restore_buffers()
             with _per_process_losses(model):
-                g, seconds = gradient(model, params, views, full_setting, progress, autocast)
-            full.vec += g
-            full.scalars[:, 0] += _group_sq(g, groups)
-            timed = float(count.item() > 0)  # the first batch warms up kernels and caches
-            full.scalars[0, 3] += seconds * timed
-            for setting, acc in zip(strategies, sums, strict=True):
+                g, tick = gradient(model, params, views, full_setting, progress, autocast)
+            full.append(g.cpu())
+            times = [tick]
+            for setting, rows in zip(strategies, per_strategy, strict=True):
                 restore_buffers()
                 with _per_process_losses(model):
-                    gs, seconds = gradient(model, params, views, setting, progress, autocast)
-                d = gs - g
-                acc.vec += gs
-                acc.scalars[:, 0] += _group_sq(gs, groups)
-                acc.scalars[:, 1] += _group_sq(d, groups)
-                norms = (_group_sq(gs, groups) * _group_sq(g, groups)).sqrt().clamp_min(1e-30)
-                acc.scalars[:, 2] += _group_dot(gs, g, groups) / norms
-                acc.scalars[0, 3] += seconds * timed
-            count += 1
+                    gs, tick = gradient(model, params, views, setting, progress, autocast)
+                rows.append(gs.cpu())
+                times.append(tick)
+            seconds.append(times)
     finally:
         restore_buffers()
         for p, grad in zip(params, saved_grads, strict=True):
             p.grad = grad
-    reduce = reduce or (lambda t: t)
+    device = params[0].device
+    gather = gather or (lambda t: t)
+
+    def gathered(rows: list[torch.Tensor]) -> torch.Tensor:
+        return gather(torch.stack(rows).to(device)).cpu()
+
+    timed = torch.tensor([float(i > 0) for i in range(len(seconds))], dtype=torch.float64)
+    secs = torch.tensor(seconds, dtype=torch.float64)
     return {
         "groups": groups,
-        "count": reduce(count).item(),
-        "full": (reduce(full.vec), reduce(full.scalars)),
-        "strategies": [(s, reduce(a.vec), reduce(a.scalars)) for s, a in zip(strategies, sums, strict=True)],
+        "full": gathered(full),
+        "strategies": [(s, gathered(rows)) for s, rows in zip(strategies, per_strategy, strict=True)],
+        "seconds": gather(secs.to(device)).cpu(),
+        "timed": gather(timed.to(device)).cpu(),
     }
 
 
-def _trace_cov(sum_sq: torch.Tensor, sum_vec_sq: torch.Tensor, k: float) -> torch.Tensor:
-    """tr Cov of K vectors from sum ||x_k||^2 and ||sum x_k||^2 (unbiased, K - 1 in the denominator)."""
-    return (sum_sq - sum_vec_sq / k) / max(k - 1, 1)
+# Statistics of K gradients from their Gram matrices (K x K, float64): every estimate below is a
+# function of dot products between batches, so the jackknife (leave one batch out) gives its spread.
+
+
+def _mean_sq(gram: torch.Tensor) -> torch.Tensor:
+    """||mean x||^2, plain."""
+    return gram.sum() / len(gram) ** 2
+
+
+def _mean_sq_unbiased(gram: torch.Tensor) -> torch.Tensor:
+    """Unbiased ||E x||^2: the mean of x_i . x_j over pairs i != j (= ||mean x||^2 - tr Cov / K)."""
+    k = len(gram)
+    return (gram.sum() - gram.trace()) / (k * (k - 1))
+
+
+def _trace_cov(gram: torch.Tensor) -> torch.Tensor:
+    """tr Cov of the K vectors (unbiased, K - 1 in the denominator)."""
+    k = len(gram)
+    return (gram.trace() - gram.sum() / k) / (k - 1)
+
+
+def _jackknife_se(stat: Callable[..., torch.Tensor], *grams: torch.Tensor) -> float | None:
+    """Standard error of `stat(*grams)` over batches by the delete-one jackknife (None below K = 3)."""
+    k = len(grams[0])
+    if k < 3:
+        return None
+    keep = torch.ones(k, dtype=torch.bool)
+    values = []
+    for i in range(k):
+        keep[i] = False
+        values.append(stat(*(g[keep][:, keep] for g in grams)))
+        keep[i] = True
+    v = torch.stack(values)
+    return ((k - 1) / k * (v - v.mean()).square().sum()).sqrt().item()
+
+
+def _ratio_sqrt(num: torch.Tensor, den: torch.Tensor) -> float | None:
+    """sqrt(num / den), None when the denominator is not positive (noise swamps the signal)."""
+    return (num.clamp_min(0) / den).sqrt().item() if den > 0 else None
+
+
+def _cosine(cross: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> float | None:
+    if sq_a <= 0 or sq_b <= 0:
+        return None
+    return (cross / (sq_a * sq_b).sqrt()).clamp(-1, 1).item()
+
+
+def _strategy_stats(gs: torch.Tensor, gg: torch.Tensor, gsg: torch.Tensor, cost: float) -> dict:
+    """The statistics of one strategy (one parameter group) from Gram matrices of its gradients (gs),
+    the full gradients (gg) and their cross products (gsg[i, j] = ĝ_i . g_j)."""
+    gd = gs - gsg - gsg.T + gg  # d_i . d_j of the paired differences d = ĝ - g
+
+    def bias_sq(gd: torch.Tensor) -> torch.Tensor:
+        return _mean_sq_unbiased(gd)
+
+    def ca_mse(gd: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+        return _mean_sq_unbiased(gd) + cost * _trace_cov(gs)
+
+    bias = bias_sq(gd)
+    cross_u = (gsg.sum() - gsg.trace()) / (len(gsg) * (len(gsg) - 1))
+    per_batch = gsg.diagonal() / (gs.diagonal() * gg.diagonal()).sqrt().clamp_min(1e-30)
+    return {
+        "bias_sq": bias.item(),
+        "bias_sq_se": _jackknife_se(bias_sq, gd),
+        "bias_sq_plain": _mean_sq(gd).item(),
+        "relative_bias": _ratio_sqrt(bias, _mean_sq_unbiased(gg)),
+        "relative_bias_plain": _ratio_sqrt(_mean_sq(gd), _mean_sq(gg)),
+        "variance": _trace_cov(gs).item(),
+        "variance_se": _jackknife_se(_trace_cov, gs),
+        "variance_full": _trace_cov(gg).item(),
+        "variance_full_se": _jackknife_se(_trace_cov, gg),
+        "cosine": _cosine(cross_u, _mean_sq_unbiased(gs), _mean_sq_unbiased(gg)),
+        "cosine_plain": _cosine(gsg.sum() / len(gsg) ** 2, _mean_sq(gs), _mean_sq(gg)),
+        "cosine_batch": per_batch.mean().item(),
+        "ca_mse": ca_mse(gd, gs).item(),
+        "ca_mse_se": _jackknife_se(ca_mse, gd, gs),
+    }
+
+
+def _costs(raw: dict) -> list[tuple[float, float | None]]:
+    """Each strategy's measured cost relative to full input, and its standard error over batches."""
+    secs, timed = raw["seconds"], raw["timed"].bool()
+    if not timed.any():  # one batch per process: time it anyway rather than report nothing
+        timed = torch.ones_like(timed)
+    full = secs[timed, 0]
+    out = []
+    for j in range(1, secs.shape[1]):
+        ratios = secs[timed, j] / full.clamp_min(1e-12)
+        cost = (secs[timed, j].sum() / full.sum()).item() if full.sum() > 0 else float("nan")
+        se = (ratios.std() / len(ratios) ** 0.5).item() if len(ratios) > 1 else None
+        out.append((cost, se))
+    return out
 
 
 def summarize(raw: dict, flops: dict[Setting, float] | None = None) -> list[dict]:
-    """Per-strategy statistics, whole model (`total`) and per group, from `measure`'s sums."""
+    """Per-strategy statistics, whole model and per group, from `measure`'s gradients.
+
+    Whole-model keys sit on the row itself; `groups` holds the same statistics per parameter group.
+    `relative_bias` and `cosine` are bias-corrected (None when the batch noise swamps ||E g||^2);
+    `*_plain` are the plain ratios of means, inflated by batch noise at small K.
+    """
     groups: list[Group] = raw["groups"]
-    k = raw["count"]
-    g_vec, g_scalars = raw["full"]
-    full_seconds = g_scalars[0, 3].item() / k
-    names = [g.name for g in groups] + ["total"]
-    slices = [(g.start, g.stop) for g in groups] + [(0, len(g_vec))]
+    g = raw["full"]
+    names = [gr.name for gr in groups] + ["total"]
+    slices = [(gr.start, gr.stop) for gr in groups] + [(0, g.shape[1])]
+    grams_g = [g[:, a:b].double() @ g[:, a:b].double().T for a, b in slices]
     rows = []
-    for setting, vec, scalars in raw["strategies"]:
-        cost = scalars[0, 3].item() / (k * full_seconds) if full_seconds > 0 else float("nan")
-        row: dict = {"keep": setting.keep, "patch": setting.patch, "merge": setting.merge, "cost": cost}
+    for (setting, s), (cost, cost_se) in zip(raw["strategies"], _costs(raw), strict=True):
+        row: dict = {"keep": setting.keep, "patch": setting.patch, "merge": setting.merge}
+        row |= {"cost": cost, "cost_se": cost_se}
         if flops is not None:
             row["flops"] = flops[setting]
         per_group = {}
-        for i, (name, (a, b)) in enumerate(zip(names, slices, strict=True)):
-            mean_g, mean_s = g_vec[a:b] / k, vec[a:b] / k
-            mean_d = mean_s - mean_g
-            sum_d = vec[a:b] - g_vec[a:b]
-            bias_plain = mean_d.square().sum()
-            cov_d = _trace_cov(scalars[i, 1], sum_d.square().sum(), k)
-            var_s = _trace_cov(scalars[i, 0], vec[a:b].square().sum(), k)
-            var_g = _trace_cov(g_scalars[i, 0], g_vec[a:b].square().sum(), k)
-            bias_sq = bias_plain - cov_d / k
-            norm_g = mean_g.norm()
-            cos = (mean_s @ mean_g) / (mean_s.norm() * norm_g).clamp_min(1e-30)
-            per_group[name] = {
-                "bias_sq": bias_sq.item(),
-                "bias_sq_plain": bias_plain.item(),
-                "relative_bias": (mean_d.norm() / norm_g.clamp_min(1e-30)).item(),
-                "variance": var_s.item(),
-                "variance_full": var_g.item(),
-                "cosine": cos.item(),
-                "cosine_batch": (scalars[i, 2] / k).item(),
-                "ca_mse": (bias_sq + cost * var_s).item(),
-            }
+        for name, (a, b), gg in zip(names, slices, grams_g, strict=True):
+            sa, ga = s[:, a:b].double(), g[:, a:b].double()
+            per_group[name] = _strategy_stats(sa @ sa.T, gg, sa @ ga.T, cost)
         row.update(per_group.pop("total"))
         row["groups"] = per_group
         rows.append(row)
@@ -253,7 +314,7 @@ def summarize(raw: dict, flops: dict[Setting, float] | None = None) -> list[dict
 # ---------------------------------------------------------------------------------------------
 # Running the estimator on a recipe or a run's checkpoint
 
-SCHEMA = "accelvit.grad-error/1"
+SCHEMA = "accelvit.grad-error/2"  # 2: bias-corrected relative_bias and cosine, standard errors
 
 
 def default_strategies(base: int, allowed: list[int]) -> list[Setting]:
@@ -356,7 +417,7 @@ def estimate_model(
             strategies,
             cfg.model.patch_size,
             progress,
-            reduce=lambda t: accelerator.reduce(t, "sum"),
+            gather=accelerator.gather,
             autocast=accelerator.autocast,
         )
     flops = {s: relative_cost(shape, s, cfg.model.patch_size) for s in strategies}
@@ -368,7 +429,7 @@ def estimate_model(
         "dataset": cfg.data.dataset,
         "step": step,
         "progress": progress,
-        "batches": int(raw["count"]),
+        "batches": len(raw["full"]),
         "batch_size": cfg.train.batch_size,
         "processes": world,
         "device": accelerator.device.type,

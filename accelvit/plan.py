@@ -7,18 +7,26 @@ and lighter compression wins. Full input is always a candidate: bias 0, cost 1, 
 
 Used offline (`accelvit plan`: reports taken at several progress points -> a `step` schedule) and
 online (`schedule.mode: adaptive`: the run measures and decides at each stage).
+
+A CA-MSE measured on K batches has a standard error (the report's jackknife `ca_mse_se`). Candidates
+whose CA-MSE is within one combined standard error of the lowest are tied, and the tie rule picks the
+previous stage's choice if it is among them, else the cheapest of them: a noisy ranking should not
+switch strategies, and among equals the cheaper step saves budget.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from accelvit.config import ConfigError
 from accelvit.schedule import Setting, setting_of
+
+NOISE_Z = 1.0  # candidates within this many combined standard errors of the lowest CA-MSE are tied
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,12 @@ class Choice:
     ca_mse: float
     runner_up: Setting | None
     runner_up_ca_mse: float | None
+    tied: tuple[Setting, ...] = field(default=())  # candidates within noise of the lowest CA-MSE
+
+    @property
+    def within_noise(self) -> bool:
+        """Whether the ranking's winner is not clear of the noise (the tie rule decided)."""
+        return len(self.tied) > 1
 
     @property
     def margin(self) -> float | None:
@@ -43,6 +57,7 @@ class Choice:
             if self.runner_up is None
             else {**asdict(self.runner_up), "ca_mse": self.runner_up_ca_mse},
             "margin": self.margin,
+            "tied": [s.label for s in self.tied],
         }
 
 
@@ -63,15 +78,61 @@ def ca_mse_table(report: dict, base_patch: int, cost: Callable[[Setting], float]
     return table
 
 
-def choose(table: dict[Setting, float], allowed: Callable[[Setting], bool] = lambda s: True) -> Choice:
-    """The strategy with the lowest CA-MSE among the allowed ones, and the runner-up."""
-    # ties go to the least compressed: smaller patch, higher keep, less merging
+def ca_mse_errors(
+    report: dict, base_patch: int, cost: Callable[[Setting], float] | None = None
+) -> dict[Setting, float | None]:
+    """Setting -> standard error of its CA-MSE (None where the report has none, e.g. K = 2).
+
+    With the report's own costs this is its jackknife `ca_mse_se`; with another cost c it is
+    sqrt(se(bias²)² + c² se(variance)²), leaving out their covariance.
+    """
+    rows = report["strategies"]
+    errors: dict[Setting, float | None] = {Setting(1.0, base_patch): rows[0].get("variance_full_se")}
+    for row in rows:
+        setting = setting_of(row)
+        if setting == Setting(1.0, base_patch):
+            continue
+        if cost is None:
+            errors[setting] = row.get("ca_mse_se")
+        elif row.get("bias_sq_se") is None or row.get("variance_se") is None:
+            errors[setting] = None
+        else:
+            errors[setting] = math.hypot(row["bias_sq_se"], cost(setting) * row["variance_se"])
+    return errors
+
+
+def choose(
+    table: dict[Setting, float],
+    allowed: Callable[[Setting], bool] = lambda s: True,
+    errors: dict[Setting, float | None] | None = None,
+    previous: Setting | None = None,
+    cost: Callable[[Setting], float] | None = None,
+) -> Choice:
+    """The allowed strategy with the lowest CA-MSE and the runner-up; with standard errors, the tie
+    rule among the candidates within noise of the lowest: `previous` if tied, else the cheapest."""
+    # exact ties go to the least compressed: smaller patch, higher keep, less merging
     ranked = sorted((value, s.patch, -s.keep, s.merge, s) for s, value in table.items() if allowed(s))
     if not ranked:
         raise ValueError("no strategy is allowed")
-    best = ranked[0]
-    second = ranked[1] if len(ranked) > 1 else None
-    return Choice(best[-1], best[0], second[-1] if second else None, second[0] if second else None)
+    best_value, best = ranked[0][0], ranked[0][-1]
+    errors = errors or {}
+
+    def within_noise(value: float, s: Setting) -> bool:
+        a, b = errors.get(s), errors.get(best)
+        return a is not None and b is not None and value - best_value <= NOISE_Z * math.hypot(a, b)
+
+    tied = tuple(r[-1] for r in ranked if r[-1] == best or within_noise(r[0], r[-1]))
+    chosen = best
+    if len(tied) > 1:
+        chosen = previous if previous in tied else min(tied, key=cost) if cost else best
+    others = [r for r in ranked if r[-1] != chosen]
+    return Choice(
+        chosen,
+        table[chosen],
+        others[0][-1] if others else None,
+        others[0][0] if others else None,
+        tied if len(tied) > 1 else (),
+    )
 
 
 def choose_stage(
@@ -84,32 +145,81 @@ def choose_stage(
     """The adaptive schedule's choice for the next stage: CA-MSE with the run's own step costs
     (`cost`: budget units of a step), never a cheaper step than `previous` when `monotone`."""
     full = cost(Setting(1.0, base_patch))
-    table = ca_mse_table(report, base_patch, lambda s: cost(s) / full)
+
+    def relative(s: Setting) -> float:
+        return cost(s) / full
+
+    table = ca_mse_table(report, base_patch, relative)
+    errors = ca_mse_errors(report, base_patch, relative)
     floor = cost(previous) if previous is not None and monotone else 0.0
-    return choose(table, lambda s: cost(s) >= floor - 1e-12)
+    return choose(table, lambda s: cost(s) >= floor - 1e-12, errors, previous, cost)
 
 
-def plan(reports: list[dict], base_patch: int, cost: str = "measured") -> list[tuple[float, Choice]]:
-    """One choice per report, ordered by the progress it was taken at (each one starts a stage)."""
+def plan(reports: list[dict], base_patch: int, cost: str = "flops") -> list[tuple[float, Choice]]:
+    """One choice per report, ordered by the progress it was taken at (each one starts a stage).
+
+    `cost`: flops (the reports' analytic ratios, the default: the same on any machine and load) or
+    measured (the step times of the machine and moment each report was taken on).
+    """
     if cost not in ("measured", "flops"):
         raise ConfigError(f"--cost {cost!r}: expected measured or flops")
-    stages = []
+    stages: list[tuple[float, Choice]] = []
     for report in sorted(reports, key=lambda r: r["progress"]):
-        flops = {setting_of(r): r["flops"] for r in report["strategies"]}
-
-        def by_flops(s: Setting, flops: dict = flops) -> float:
-            return flops[s]
-
-        stages.append(
-            (
-                report["progress"],
-                choose(ca_mse_table(report, base_patch, by_flops if cost == "flops" else None)),
-            )
+        costs = {setting_of(r): r["flops" if cost == "flops" else "cost"] for r in report["strategies"]}
+        costs[Setting(1.0, base_patch)] = 1.0
+        by_flops = costs.__getitem__ if cost == "flops" else None
+        previous = stages[-1][1].setting if stages else None
+        choice = choose(
+            ca_mse_table(report, base_patch, by_flops),
+            errors=ca_mse_errors(report, base_patch, by_flops),
+            previous=previous,
+            cost=costs.__getitem__,
         )
+        stages.append((report["progress"], choice))
     progress = [p for p, _ in stages]
     if len(set(progress)) != len(progress):
         raise ConfigError(f"two reports were taken at the same progress ({progress}); give one per stage")
     return stages
+
+
+def plan_warnings(reports: list[dict], stages: list[tuple[float, Choice]], base_patch: int) -> list[str]:
+    """What a reader of a plan should know: reports too small for standard errors, negative bias²
+    (a bias below the batch noise), choices within noise, and a plan that compresses more later."""
+    warnings = []
+    for report in sorted(reports, key=lambda r: r["progress"]):
+        where = f"report at progress {report['progress']:g}"
+        k = report.get("batches")
+        if k is not None and k < 3:
+            warnings.append(f"{where}: K = {k} batches gives no standard errors; measure with --batches 4+")
+        for row in report["strategies"]:
+            if row["bias_sq"] < 0:
+                se = row.get("bias_sq_se")
+                noise = f" ± {se:.3g}" if se is not None else ""
+                warnings.append(
+                    f"{where}: bias² of {setting_of(row).label} is negative ({row['bias_sq']:.3g}{noise}): "
+                    "its bias is below what K batches can resolve"
+                )
+    for progress, choice in stages:
+        if choice.within_noise:
+            warnings.append(
+                f"stage at {progress:g}: {', '.join(s.label for s in choice.tied)} are within noise of "
+                f"each other; the tie rule chose {choice.setting.label}"
+            )
+    costs = [(p, c.setting, _step_cost(reports, p, c.setting, base_patch)) for p, c in stages]
+    for (p0, s0, c0), (p1, s1, c1) in zip(costs, costs[1:], strict=False):
+        if c1 < c0 - 1e-12:
+            warnings.append(
+                f"the plan is not monotone: {s1.label} from {p1:g} is cheaper than {s0.label} from {p0:g}"
+            )
+    return warnings
+
+
+def _step_cost(reports: list[dict], progress: float, setting: Setting, base_patch: int) -> float:
+    """The analytic cost of `setting` (1 for full input) from the report taken at `progress`."""
+    if setting == Setting(1.0, base_patch):
+        return 1.0
+    report = next(r for r in reports if r["progress"] == progress)
+    return next(r["flops"] for r in report["strategies"] if setting_of(r) == setting)
 
 
 def schedule_from_plan(stages: list[tuple[float, Choice]]) -> dict:
@@ -130,12 +240,15 @@ def write_schedule(path: Path, schedule: dict, sources: list[str]) -> None:
 
 
 def format_plan(stages: list[tuple[float, Choice]]) -> str:
-    lines = [f"{'from':>6}  {'choice':>10}  {'CA-MSE':>10}  {'runner-up':>10}  {'CA-MSE':>10}  {'margin':>7}"]
+    lines = [
+        f"{'from':>6}  {'choice':>10}  {'CA-MSE':>10}  {'runner-up':>10}  {'CA-MSE':>10}  {'margin':>7}  tied"
+    ]
     for progress, c in stages:
         up = c.runner_up.label if c.runner_up else "-"
         up_value = f"{c.runner_up_ca_mse:10.3e}" if c.runner_up_ca_mse is not None else f"{'-':>10}"
         margin = f"{c.margin:7.1%}" if c.margin is not None else f"{'-':>7}"
         lines.append(
-            f"{progress:6.2f}  {c.setting.label:>10}  {c.ca_mse:10.3e}  {up:>10}  {up_value}  {margin}"
+            f"{progress:6.2f}  {c.setting.label:>10}  {c.ca_mse:10.3e}  {up:>10}  {up_value}  {margin}  "
+            + (", ".join(s.label for s in c.tied) if c.within_noise else "-")
         )
     return "\n".join(lines)

@@ -70,11 +70,16 @@ GRAD_COLUMNS = (
     "merge",
     "flops",
     "cost",
+    "cost_se",
     "bias_sq",
+    "bias_sq_se",
     "relative_bias",
+    "relative_bias_plain",
     "variance",
     "cosine",
+    "cosine_plain",
     "ca_mse",
+    "ca_mse_se",
 )
 
 
@@ -86,13 +91,15 @@ def grad_table(report: dict) -> str:
         f"grad-error of {report['objective']} on {report['dataset']} at step {report['step']} "
         f"(progress {report['progress']:.2f}), K={report['batches']} batches of {report['batch_size']}, "
         f"{report['processes']} process(es); full-input variance "
-        f"{rows[0]['variance_full']:.4g}\n\n"
+        f"{rows[0]['variance_full']:.4g}; *_se: standard errors over the batches; relative_bias and cosine "
+        "are bias-corrected (empty where batch noise swamps the mean gradient), *_plain are not\n\n"
     )
     lines = ["| " + " | ".join(GRAD_COLUMNS) + " |", "|" + "---|" * len(GRAD_COLUMNS)]
+    ca_mse = GRAD_COLUMNS.index("ca_mse")
     for i, row in enumerate(rows):
         cells = [_fmt(row.get(c)) for c in GRAD_COLUMNS]
         if i == best:
-            cells[-1] = f"**{cells[-1]}** (best)"
+            cells[ca_mse] = f"**{cells[ca_mse]}** (best)"
         lines.append("| " + " | ".join(cells) + " |")
     groups = report["groups"]
     glines = [

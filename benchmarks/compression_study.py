@@ -155,10 +155,14 @@ def format_table(rows: list[dict], report: dict) -> str:
     ]
     for r in report["strategies"]:
         lines.append(
-            f"| {setting_of(r).label} | {r['flops']:.3f} | {r['bias_sq']:.3g} | {r['relative_bias']:.3f} "
-            f"| {r['cosine']:.3f} | {r['ca_mse']:.3g} |"
+            f"| {setting_of(r).label} | {r['flops']:.3f} | {r['bias_sq']:.3g} | {_fmt(r['relative_bias'])} "
+            f"| {_fmt(r['cosine'])} | {r['ca_mse']:.3g} |"
         )
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def test_grad_error_writes_report_table_and_plot_and_compare_reads_them(tmp_path
     out = tmp_path / "r.json"
     assert main(["grad-error", str(tiny_recipe), "--batches", "2", "-o", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["schema"] == "accelvit.grad-error/1"
+    assert report["schema"] == "accelvit.grad-error/2"
     assert [(r["keep"], r["patch"]) for r in report["strategies"]] == [
         (0.5, 4),
         (0.25, 4),
@@ -267,3 +267,73 @@ def test_grad_error_during_pretraining_keeps_the_run_bit_exact(tmp_path, tiny_re
     assert reports == ["step_0.json", "step_3.json"]
     report = json.loads((tmp_path / "probed/grad_error/step_3.json").read_text())
     assert report["progress"] == 0.5 and len(report["strategies"]) == 2
+
+
+def synthetic(k: int, bias: float, noise: float, seed: int, extra: float = 0.5, size: int = 400) -> dict:
+    """`measure`'s output for made-up gradients: g_k = mu + noise, ĝ_k = g_k + b + more noise, with
+    ||mu|| = 1, ||b|| = `bias`, tr Cov(g) = `noise`^2 and tr Cov(ĝ - g) = (`extra` * `noise`)^2."""
+    from accelvit.gradbias import Group
+
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.ones(size) / size**0.5
+    b = torch.zeros(size)
+    b[0] = bias
+    g = mu + noise / size**0.5 * torch.randn(k, size, generator=gen)
+    s = g + b + extra * noise / size**0.5 * torch.randn(k, size, generator=gen)
+    seconds = torch.tensor([[1.0, 0.5 + 0.1 * (i % 2)] for i in range(k)], dtype=torch.float64)
+    return {
+        "groups": [Group("all", 0, size)],
+        "full": g,
+        "strategies": [(Setting(0.5, 4), s)],
+        "seconds": seconds,
+        "timed": torch.ones(k, dtype=torch.float64),
+    }
+
+
+def test_statistics_equal_their_pairwise_definitions():
+    raw = synthetic(k=5, bias=0.3, noise=1.0, seed=0)
+    (row,) = summarize(raw)
+    g, s = raw["full"].double(), raw["strategies"][0][1].double()
+    d = s - g
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
+    assert row["bias_sq"] == pytest.approx(sum(d[i] @ d[j] for i, j in pairs).item() / 20)
+    assert row["bias_sq_plain"] == pytest.approx(d.mean(0).square().sum().item())
+    assert row["variance"] == pytest.approx(s.var(0, unbiased=True).sum().item())
+    mean_g_sq = sum(g[i] @ g[j] for i, j in pairs).item() / 20
+    assert row["relative_bias"] == pytest.approx((row["bias_sq"] / mean_g_sq) ** 0.5)
+    assert row["relative_bias_plain"] == pytest.approx((d.mean(0).norm() / g.mean(0).norm()).item())
+    # the delete-one jackknife, written out
+    loo = []
+    for out in range(5):
+        rest = [i for i in range(5) if i != out]
+        loo.append(sum(d[i] @ d[j] for i in rest for j in rest if i != j).item() / 12)
+    loo = torch.tensor(loo)
+    assert row["bias_sq_se"] == pytest.approx((4 / 5 * (loo - loo.mean()).square().sum()).sqrt().item())
+    assert row["cost"] == pytest.approx((0.5 * 3 + 0.6 * 2) / 5)  # time of the strategy over full input
+    assert row["cost_se"] == pytest.approx(torch.tensor([0.5, 0.6] * 2 + [0.5]).std().item() / 5**0.5)
+
+
+def test_corrected_relative_bias_is_not_fooled_by_batch_noise():
+    # K = 4, tr Cov(g) / K = 0.9 ||E g||^2 and a noisier difference: an 18% bias reads over 100% plain
+    plain, bias_sq = [], []
+    for seed in range(1000):
+        (row,) = summarize(synthetic(k=4, bias=0.18, noise=0.9**0.5 * 2, seed=seed, extra=2.0))
+        plain.append(row["relative_bias_plain"])
+        bias_sq.append(row["bias_sq"])
+    assert sum(plain) / len(plain) > 1.0  # mostly noise
+    assert sum(bias_sq) / len(bias_sq) == pytest.approx(0.18**2, abs=0.03)  # unbiased (spread 0.009)
+    (row,) = summarize(synthetic(k=400, bias=0.18, noise=0.9**0.5 * 2, seed=0, extra=2.0))
+    assert row["relative_bias"] == pytest.approx(0.18, abs=0.04)
+    assert row["relative_bias_plain"] > 0.2
+    assert row["cosine"] == pytest.approx(1 / (1 + 0.18**2) ** 0.5, abs=0.01)
+
+
+def test_jackknife_standard_error_matches_the_spread_over_repetitions():
+    rows = [summarize(synthetic(k=8, bias=0.3, noise=1.0, seed=seed))[0] for seed in range(300)]
+    spread = torch.tensor([r["bias_sq"] for r in rows]).std().item()
+    mean_se = sum(r["bias_sq_se"] for r in rows) / len(rows)
+    assert mean_se == pytest.approx(spread, rel=0.25)
+    spread = torch.tensor([r["ca_mse"] for r in rows]).std().item()
+    assert sum(r["ca_mse_se"] for r in rows) / len(rows) == pytest.approx(spread, rel=0.25)
+    (two,) = summarize(synthetic(k=2, bias=0.3, noise=1.0, seed=0))
+    assert two["bias_sq_se"] is None and two["ca_mse_se"] is None  # K = 2 has no spread to measure

@@ -7,7 +7,7 @@ import pytest
 from accelvit.cli import main
 from accelvit.config import ConfigError, load_config
 from accelvit.gradbias import SCHEMA
-from accelvit.plan import ca_mse_table, choose, plan, schedule_from_plan
+from accelvit.plan import ca_mse_errors, ca_mse_table, choose, plan, plan_warnings, schedule_from_plan
 from accelvit.schedule import Setting, setting_at
 
 
@@ -108,3 +108,54 @@ def test_adaptive_stage_choice_uses_the_run_costs_and_the_monotone_rule():
     report = report_at(0.5, 10.0, [(0.5, 4, 0.1, 12.0, 0.5, 0.5), (0.25, 8, 0.5, 15.0, 0.1, 0.08)])
     assert choose_stage(report, cost, 4, Setting(0.5, 4), monotone=True).setting == Setting(0.5, 4)
     assert choose_stage(report, cost, 4, Setting(0.5, 4), monotone=False).setting == Setting(0.25, 8)
+
+
+def with_errors(report: dict, ca_mse_se: float, full_se: float, batches: int = 8) -> dict:
+    rows = [
+        {**r, "ca_mse_se": ca_mse_se, "bias_sq_se": ca_mse_se, "variance_se": 0.0, "variance_full_se": full_se}
+        for r in report["strategies"]
+    ]
+    return {**report, "strategies": rows, "batches": batches}
+
+
+def test_candidates_within_noise_are_tied_and_the_tie_rule_decides():
+    # MIDDLE: 0.5:4 at 1.3 (measured cost), full input at 2.0, 0.25:8 at 3.3
+    clear = choose(ca_mse_table(MIDDLE, 4), errors=ca_mse_errors(with_errors(MIDDLE, 0.1, 0.1), 4))
+    assert clear.setting == Setting(0.5, 4) and not clear.within_noise
+    noisy = with_errors(MIDDLE, 0.6, 0.6)  # 2.0 - 1.3 < hypot(0.6, 0.6): full input and 0.5:4 tie
+    table, errors = ca_mse_table(noisy, 4), ca_mse_errors(noisy, 4)
+    cost = {Setting(1.0, 4): 1.0, Setting(0.5, 4): 0.5, Setting(0.25, 8): 0.1}.__getitem__
+    tie = choose(table, errors=errors, cost=cost)
+    assert tie.tied == (Setting(0.5, 4), Setting(1.0, 4)) and tie.setting == Setting(0.5, 4)  # the cheaper
+    kept = choose(table, errors=errors, previous=Setting(1.0, 4), cost=cost)
+    assert kept.setting == Setting(1.0, 4) and kept.runner_up == Setting(0.5, 4)  # the previous stage's
+    assert kept.to_dict()["tied"] == ["0.5:4", "1:4"]
+
+
+def test_plan_defaults_to_flops_and_warns_about_noise_small_k_negative_bias_and_non_monotone_plans():
+    negative = report_at(0.0, 10.0, [(0.5, 4, -0.3, 12.0, 0.5, 0.5), (0.25, 8, 0.5, 15.0, 0.1, 0.08)])
+    late = report_at(0.5, 10.0, [(0.5, 4, 0.1, 12.0, 0.5, 0.5), (0.25, 8, 0.5, 1.0, 0.1, 0.08)])
+    reports = [with_errors(negative, 0.01, 0.01, batches=2), with_errors(late, 0.01, 0.01)]
+    reports[1]["strategies"][0]["bias_sq"] = 5.0  # the second stage goes to the cheaper 0.25:8
+    reports[1]["strategies"][0]["ca_mse"] = 11.0
+    stages = plan(reports, 4)
+    assert stages[0][1].ca_mse == pytest.approx(0.5 + 0.08 * 15.0)  # flops, not the measured 0.1
+    warnings = plan_warnings(reports, stages, 4)
+    assert any("K = 2 batches gives no standard errors" in w for w in warnings)
+    assert any("bias² of 0.5:4 is negative (-0.3 ± 0.01)" in w for w in warnings)
+    assert not any("not monotone" in w for w in warnings)  # 0.25:8 twice
+
+    swapped = [with_errors(late, 0.01, 0.01), with_errors(EARLY, 0.01, 0.01)]
+    swapped[0]["progress"], swapped[1]["progress"] = 0.0, 0.5  # full input first, then 0.25:8
+    swapped[0]["strategies"][1]["bias_sq"] = swapped[0]["strategies"][1]["ca_mse"] = 50.0
+    swapped[0]["strategies"][0]["bias_sq"] = swapped[0]["strategies"][0]["ca_mse"] = 50.0
+    stages = plan(swapped, 4)
+    assert [c.setting for _, c in stages] == [Setting(1.0, 4), Setting(0.25, 8)]
+    assert any("not monotone: 0.25:8 from 0.5 is cheaper than 1:4 from 0" in w for w in plan_warnings(swapped, stages, 4))
+
+
+def test_plan_command_prints_the_warnings(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(with_errors(EARLY, 0.01, 0.01, batches=2)))
+    assert main(["plan", str(path), "-o", str(tmp_path / "p.yaml")]) == 0
+    assert "warning: report at progress 0: K = 2 batches gives no standard errors" in capsys.readouterr().out
