@@ -23,7 +23,7 @@ from pathlib import Path
 
 from accelvit.config import Config, TrainConfig, patch_sizes, stem_stride
 from accelvit.merge import patch_tokens_per_block
-from accelvit.schedule import Setting, patch_for_size, setting_at
+from accelvit.schedule import Setting, patch_for_size, ramp_values, setting_at, snap_patch
 
 BACKWARD_FACTOR = 3.0  # forward + backward: the backward pass costs about two forwards
 
@@ -185,10 +185,13 @@ def measured_settings(cfg: Config, candidates: Iterable[Setting] = ()) -> list[S
     allowed = patch_sizes(cfg.model)
     ramp = [setting_at(cfg.schedule, i / 100, image_size, base, stride) for i in range(101)]
     candidates = list(candidates)
+    drawn = [snap_patch(p, allowed) for p in ramp_values(cfg.schedule.patch, base)]  # random ramps too
     low, high = min(s.patch for s in ramp), max(s.patch for s in ramp)
+    low, high = min(low, *drawn), max(high, *drawn)
     patches = {p for p in allowed if low <= p <= high} | {c.patch for c in candidates} | {base}
-    keeps = {0.25, 0.5, 0.75, 1.0} | {c.keep for c in candidates} | {min(s.keep for s in ramp)}
-    top = max(s.merge for s in ramp)
+    lowest_keep = min(min(s.keep for s in ramp), *ramp_values(cfg.schedule.keep))
+    keeps = {0.25, 0.5, 0.75, 1.0} | {c.keep for c in candidates} | {lowest_keep}
+    top = max(max(s.merge for s in ramp), *ramp_values(cfg.schedule.merge, 0.0))
     merges = {0.0, top} | {m for m in (0.1, 0.2, 0.3, 0.4) if m < top} | {c.merge for c in candidates}
     return [Setting(k, p, m) for p in sorted(patches) for m in sorted(merges) for k in sorted(keeps)]
 
@@ -280,7 +283,8 @@ def simulate(
         train.budget is not None and spent < train.budget
     ):
         progress = progress_of(train, step, spent)
-        setting = setting_at(cfg.schedule, progress, image_size, base, stem_stride(cfg.model.stem))
+        stride = stem_stride(cfg.model.stem)
+        setting = setting_at(cfg.schedule, progress, image_size, base, stride, step, train.seed)
         if setting not in cache:
             cache[setting] = cost(setting)
         units = cache[setting]

@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "synthetic")
-SHAPES = ("constant", "linear", "cosine", "step")
+SHAPES = ("constant", "linear", "cosine", "step", "random")
 
 
 class ConfigError(ValueError):
@@ -137,6 +137,12 @@ class RampConfig:
     points: list[list[float]] | None = _doc(
         None, "step shape only: [[progress, value], ...], value held until the next point"
     )
+    choices: list[float] | None = _doc(
+        None,
+        "random shape only: values drawn afresh at every step from (train.seed, step), as FlexiViT "
+        "samples a patch size per batch",
+    )
+    weights: list[float] | None = _doc(None, "random shape: relative probability of each choice (null: even)")
 
 
 @dataclass
@@ -649,6 +655,26 @@ def strategy_rule(allowed_patches: list[int]) -> str:
 
 def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
     _require(ramp.shape in SHAPES, f"{key}.shape", ramp.shape, f"expected one of {SHAPES}")
+    if ramp.shape != "random":
+        _require(ramp.choices is None, f"{key}.choices", ramp.choices, "only for shape random")
+        _require(ramp.weights is None, f"{key}.weights", ramp.weights, "only for shape random")
+    if ramp.shape == "random":
+        _require(bool(ramp.choices), f"{key}.choices", ramp.choices, "a random schedule needs [v1, v2, ...]")
+        for i, value in enumerate(ramp.choices or []):
+            _require(ok(value), f"{key}.choices[{i}]", value, why)
+        if ramp.weights is not None:
+            _require(
+                len(ramp.weights) == len(ramp.choices or [])
+                and all(w >= 0 for w in ramp.weights)
+                and sum(ramp.weights) > 0,
+                f"{key}.weights",
+                ramp.weights,
+                "one non-negative weight per choice, not all 0",
+            )
+        for name in ("start", "end", "points"):
+            value = getattr(ramp, name)
+            _require(value is None, f"{key}.{name}", value, "not for shape random")
+        return
     if ramp.shape == "step":
         _require(bool(ramp.points), f"{key}.points", ramp.points, "a step schedule needs [[p, v], ...]")
         last = -1.0

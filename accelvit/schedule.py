@@ -1,13 +1,15 @@
 """The schedule engine: training progress (0 -> 1) to a compression setting (keep, patch, merge).
 
-Pure and deterministic: the setting is a function of progress (and, for the adaptive schedule, of the
-decisions recorded so far), so resuming a run needs only its checkpointed TrainState. The learning
+Pure and deterministic: the setting is a function of progress (for the `random` shape also of the
+seed and step, for the adaptive schedule of the decisions recorded so far), so resuming a run needs
+only its checkpointed TrainState. The learning
 rate follows the same progress (warm-up, then cosine or poly decay).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 from accelvit.config import (
@@ -44,8 +46,22 @@ class Setting:
         return Setting(1.0, self.patch)
 
 
-def ramp_value(ramp: RampConfig, progress: float, default: float | None = None) -> float:
-    """Value of one ramp at `progress` in [0, 1]; `default` stands in for a null start."""
+def ramp_value(
+    ramp: RampConfig, progress: float, default: float | None = None, draw: float = 0.0
+) -> float:
+    """Value of one ramp at `progress` in [0, 1]; `default` stands in for a null start.
+
+    `draw` in [0, 1) picks the value of a `random` ramp (inverse CDF of its weights).
+    """
+    if ramp.shape == "random":
+        choices = ramp.choices or []
+        weights = ramp.weights or [1.0] * len(choices)
+        target, acc = draw * sum(weights), 0.0
+        for value, weight in zip(choices, weights, strict=True):
+            acc += weight
+            if target < acc:
+                return float(value)
+        return float(choices[-1])
     if ramp.shape == "step":
         points = ramp.points or []
         value = points[0][1]
@@ -100,16 +116,43 @@ def parse_strategies(text: str) -> list[Setting]:
     return out
 
 
+def step_draw(seed: int, step: int, knob: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, step, knob): a random ramp's draw at that step."""
+    return random.Random(f"{seed}:{step}:{knob}").random()
+
+
+def ramp_values(ramp: RampConfig, default: float | None = None) -> list[float]:
+    """Every value a ramp can take at progress 0, 1 or any draw of a random ramp (for cost tables)."""
+    if ramp.shape == "random":
+        return [float(v) for v in ramp.choices or []]
+    if ramp.shape == "step":
+        return [float(v) for _, v in ramp.points or []]
+    return [ramp_value(ramp, 0.0, default), ramp_value(ramp, 1.0, default)]
+
+
 def setting_at(
-    cfg: ScheduleConfig, progress: float, image_size: int, base_patch: int, stride: int = 1
+    cfg: ScheduleConfig,
+    progress: float,
+    image_size: int,
+    base_patch: int,
+    stride: int = 1,
+    step: int = 0,
+    seed: int = 0,
 ) -> Setting:
-    """The compression setting at `progress` (0: start of training, 1: end); `stride`: the stem's."""
-    keep = ramp_value(cfg.keep, progress)
-    patch = ramp_value(cfg.patch, progress, default=base_patch)
+    """The compression setting at `progress` (0: start of training, 1: end); `stride`: the stem's.
+
+    `step` and `seed` fix the draws of `random` ramps, so a resumed run redraws the same settings.
+    """
+
+    def value(knob: str, default: float | None) -> float:
+        ramp = getattr(cfg, knob)
+        draw = step_draw(seed, step, knob) if ramp.shape == "random" else 0.0
+        return ramp_value(ramp, progress, default, draw)
+
     return Setting(
-        keep=min(max(keep, 1e-6), 1.0),
-        patch=snap_patch(patch, allowed_patch_sizes(image_size, base_patch, stride)),
-        merge=min(max(ramp_value(cfg.merge, progress, default=0.0), 0.0), MAX_MERGE),
+        keep=min(max(value("keep", None), 1e-6), 1.0),
+        patch=snap_patch(value("patch", base_patch), allowed_patch_sizes(image_size, base_patch, stride)),
+        merge=min(max(value("merge", 0.0), 0.0), MAX_MERGE),
     )
 
 
@@ -143,11 +186,13 @@ def current_setting(
     base_patch: int,
     decisions: list[dict],
     stride: int = 1,
+    step: int = 0,
+    seed: int = 0,
 ) -> Setting:
     """The setting in force: the latest adaptive decision if any was made, else the ramps."""
     if cfg.mode == "adaptive" and decisions:
         return setting_of(decisions[-1])
-    return setting_at(cfg, progress, image_size, base_patch, stride)
+    return setting_at(cfg, progress, image_size, base_patch, stride, step, seed)
 
 
 def setting_of(decision: dict) -> Setting:

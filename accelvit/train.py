@@ -245,8 +245,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
             # Compression setting and learning rate at this point of training
             setting = current_setting(
-                cfg.schedule, progress, image_size, base_patch, state.decisions, stem_stride(cfg.model.stem)
-            )
+                cfg.schedule, progress, image_size, base_patch, state.decisions, stem_stride(cfg.model.stem),
+                state.step, train.seed,
+            )  # fmt: skip
             step_units = cost(setting) * batch * world
             # the learning rate of the progress reached by this step: the first step must not get lr 0
             reached = progress_of(train, state.step + 1, state.budget_spent + step_units)

@@ -78,6 +78,21 @@ def test_set_overrides_parse_yaml(tiny_recipe):
         (["objective.name=byol"], "objective.name = 'byol': expected one of ['dino', 'mocov3', 'simclr']"),
         (["schedule.dropout_views=key"], "schedule.dropout_views = 'key'"),
         (["schedule.merge=0.7"], "schedule.merge.start = 0.7: merge fraction must be in [0, 0.5]"),
+        (
+            ["schedule.patch={shape: random, choices: [4, 6]}"],
+            "schedule.patch.choices[1] = 6.0: patch size must be one of [4, 8, 16]",
+        ),
+        (["schedule.patch={shape: random}"], "schedule.patch.choices = None: a random schedule needs"),
+        (
+            ["schedule.patch={shape: random, choices: [4, 8], weights: [1]}"],
+            "schedule.patch.weights = [1.0]: one non-negative weight per choice",
+        ),
+        (["schedule.keep.choices=[0.5]"], "schedule.keep.choices = [0.5]: only for shape random"),
+        (["optim.weight_decay_end=-1"], "optim.weight_decay_end = -1.0: must be >= 0 or null"),
+        (["objective.freeze_last_layer=1.5"], "objective.freeze_last_layer = 1.5: must be in [0, 1)"),
+        (["eval.encoder=momentum"], "eval.encoder = 'momentum': expected student, teacher or null"),
+        (["eval.encoder=teacher"], "eval.encoder = 'teacher': objective simclr has no teacher"),
+        (["model.pos_embed=rope"], "model.pos_embed = 'rope': expected learn or sincos"),
         (["train.grad_error_at=[0.5, 1.0]"], "train.grad_error_at[1] = 1.0: must be a progress in [0, 1)"),
         (
             ["train.grad_error_strategies=0.5:5"],

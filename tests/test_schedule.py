@@ -68,3 +68,54 @@ def test_lr_warmup_then_cosine():
     assert lr_at(cfg, 0.6) == pytest.approx(0.55)
     assert lr_at(cfg, 1.0) == pytest.approx(0.1)
     assert lr_at(OptimConfig(lr=1.0, warmup=0.0), 0.0) == pytest.approx(1.0)
+
+
+def test_random_shape_draws_by_weight_from_seed_and_step():
+    cfg = ScheduleConfig(patch=RampConfig("random", choices=[4, 8, 16], weights=[1, 2, 1]))
+    draws = [setting_at(cfg, 0.5, 32, 4, step=step, seed=0).patch for step in range(4000)]
+    shares = [draws.count(p) / len(draws) for p in (4, 8, 16)]
+    assert shares == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    again = [setting_at(cfg, 0.9, 32, 4, step=step, seed=0).patch for step in range(4000)]
+    assert again == draws  # a function of (seed, step): a resumed run redraws the same sizes
+    other = [setting_at(cfg, 0.5, 32, 4, step=step, seed=1).patch for step in range(4000)]
+    assert other != draws
+    both = ScheduleConfig(
+        keep=RampConfig("random", choices=[0.5, 1.0]), patch=RampConfig("random", choices=[4, 8])
+    )
+    pairs = {(s.keep, s.patch) for s in (setting_at(both, 0.0, 32, 4, step=i) for i in range(200))}
+    assert pairs == {(0.5, 4), (0.5, 8), (1.0, 4), (1.0, 8)}  # the knobs draw independently
+
+
+def test_random_run_resumes_bit_exactly_and_its_budget_counts_each_draw(tmp_path, tiny_recipe):
+    import json
+    import shutil
+
+    from accelvit.backbone import build_backbone, vit_shape
+    from accelvit.budget import flops_cost_fn, simulate
+    from accelvit.checkpoint import create_run_dir
+    from accelvit.config import load_config
+    from accelvit.objectives import OBJECTIVES
+    from accelvit.train import pretrain
+
+    cfg = load_config(
+        tiny_recipe, ["schedule.keep=1.0", "schedule.patch={shape: random, choices: [4, 8], weights: [1, 1]}"]
+    )
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    pretrain(cfg, run_dir)
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    first = records()
+    shape = vit_shape(build_backbone(cfg.model), 16)
+    branches = OBJECTIVES["simclr"].branches(cfg.objective, cfg.model, "query")
+    rows = simulate(cfg, shape, flops_cost_fn(shape, branches, 4), cfg.train.batch_size)
+    assert [r["patch"] for r in first] == [row.setting.patch for row in rows]
+    assert {r["patch"] for r in first} == {4, 8}
+    spent = [sum(row.units for row in rows[: i + 1]) * cfg.train.batch_size for i in range(len(rows))]
+    assert [r["budget_spent"] for r in first] == pytest.approx(spent)
+
+    shutil.rmtree(run_dir / "checkpoints/step_6")
+    pretrain(cfg, run_dir, resume=True)
+    assert [(r["patch"], r["loss"]) for r in records()] == [(r["patch"], r["loss"]) for r in first]
