@@ -63,12 +63,13 @@ def train(recipe: Path, overrides: list[str], run_dir: Path) -> None:
     from accelvit.config import load_config
     from accelvit.train import pretrain
 
+    cfg = load_config(recipe, overrides)
     if not (run_dir / RECIPE).is_file():
-        cfg = load_config(recipe, overrides)
         create_run_dir(run_dir, cfg)
         result = pretrain(cfg, run_dir)
     else:
-        cfg = load_config(run_dir / RECIPE)
+        if load_config(run_dir / RECIPE) != cfg:
+            raise SystemExit(f"{run_dir} was trained with another recipe than {recipe.name}; move it away")
         last = latest_checkpoint(run_dir)
         if last is not None and last.name == f"step_{cfg.train.steps}":
             return

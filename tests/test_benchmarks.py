@@ -147,3 +147,7 @@ def test_learning_smoke_reuses_finished_runs_and_resumes_unfinished(tmp_path):
     assert (run0 / "metrics.jsonl").read_text() == untouched
     assert (run1 / "checkpoints/step_8").is_dir()
     assert [r["knn_top1"] for r in again["rows"]] == [r["knn_top1"] for r in rows]  # bit-exact resume
+    # a run directory of another recipe is never silently reused
+    recipe = learning.REPO / "recipes/mocov3-fmnist-baseline.yaml"
+    with pytest.raises(SystemExit, match="another recipe"):
+        learning.train(recipe, [*learning.SMOKE, "train.seed=0", "optim.lr=0.5"], run0)
