@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import REPO, RESULTS, SMOKE_RECIPE, device, untrained_knn, write_result  # noqa: E402
+from benchmarks.runs import recipe_digest, train_run, training_minutes  # noqa: E402
 
 if TYPE_CHECKING:
     from accelvit.config import TrainConfig
@@ -55,46 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny model, synthetic data, 8 steps")
     p.add_argument("-o", "--output", help="JSON to write (default benchmarks/results/learning-DEVICE.json)")
     return p.parse_args(argv)
-
-
-def train(recipe: Path, overrides: list[str], run_dir: Path) -> None:
-    """Train `run_dir` to its end: create it, resume it, or leave a finished run as it is."""
-    from accelvit.checkpoint import RECIPE, create_run_dir, latest_checkpoint
-    from accelvit.config import load_config
-    from accelvit.train import pretrain
-
-    cfg = load_config(recipe, overrides)
-    if not (run_dir / RECIPE).is_file():
-        create_run_dir(run_dir, cfg)
-        result = pretrain(cfg, run_dir)
-    else:
-        if load_config(run_dir / RECIPE) != cfg:
-            raise SystemExit(f"{run_dir} was trained with another recipe than {recipe.name}; move it away")
-        last = latest_checkpoint(run_dir)
-        if last is not None and last.name == f"step_{cfg.train.steps}":
-            return
-        result = pretrain(cfg, run_dir, resume=last is not None)
-    if result.stopped:
-        raise SystemExit(f"stopped; run the benchmark again to resume {run_dir}")
-
-
-def recipe_digest(run_dir: Path) -> str:
-    """What a reused row must match: the run's resolved recipe (a retrained run is scored again)."""
-    import hashlib
-
-    from accelvit.checkpoint import RECIPE
-
-    return hashlib.sha256((run_dir / RECIPE).read_bytes()).hexdigest()[:16]
-
-
-def minutes_to(run_dir: Path, step: int) -> float:
-    """Training minutes up to `step`: the step and data time of every metrics line up to it."""
-    seconds = 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["step"] <= step and "step_s" in record:
-            seconds += record["step_s"] + record["data_s"]
-    return seconds / 60
 
 
 def checkpoint_steps(train: TrainConfig) -> list[int]:
@@ -133,8 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"raw pixels {floors[name]['pixels_knn']:.4f}", flush=True)  # fmt: skip
         wanted = checkpoint_steps(cfg.train)
         for seed in seeds:
-            run_dir = runs / f"{name}-seed{seed}"
-            train(recipe, [*base, f"train.seed={seed}"], run_dir)
+            run_dir = runs / f"{name}-baseline-seed{seed}"
+            train_run(recipe, [*base, f"train.seed={seed}"], run_dir)
             for step in wanted if seed == seeds[0] else wanted[-1:]:
                 identity = recipe_digest(run_dir)
                 row = done.get((identity, step))
@@ -149,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "knn_top1": result["knn_top1"],
                         "encoder": result["encoder"],
                         **floors[name],
-                        "minutes": round(minutes_to(run_dir, step), 3),
+                        "minutes": round(training_minutes(run_dir, step), 3),
                         "run_recipe": identity,
                     }
                 rows.append(row)

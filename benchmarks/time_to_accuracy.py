@@ -1,43 +1,56 @@
-"""Time to accuracy on Fashion-MNIST: baseline against accelerated recipe at the same budgets.
+"""Time to accuracy on Fashion-MNIST: the accelerated recipe against its trained baseline.
 
-For SimCLR, MoCo-v3 and DINO it trains `recipes/OBJ-fmnist-baseline.yaml` and
-`recipes/OBJ-fmnist-accel.yaml` for budgets B, 2B, 4B, 8B (B: `--base-steps` uncompressed steps),
-evaluates each run's kNN top-1 and reports the speedup: the smallest accelerated budget whose
-accuracy reaches the baseline's at the largest budget, as a budget ratio and as a wall-clock ratio
-(the reference's ImageNet figures: 4x MoCo-v3, 3.3x SimCLR, 2.5x DINO). It also reports the kNN
-top-1 of the untrained backbone: early in training a run can sit below it, and a speedup measured
-there only says which run leaves that dip first.
+For SimCLR, MoCo-v3 and DINO it trains `recipes/OBJ-fmnist-baseline.yaml` for its budget B (the
+recipe's steps, a trained accuracy: see benchmarks/learning) and `recipes/OBJ-fmnist-accel.yaml` at
+B/8, B/4, B/2 and B, scores every run by kNN top-1 and a linear probe, and reports the speedup: B
+over the smallest accelerated budget whose accuracy reaches the baseline's at B, interpolated in log
+budget between the measured budgets, in budget units and in training wall clock (the reference's
+ImageNet figures: 4x MoCo-v3, 3.3x SimCLR, 2.5x DINO). A second seed of the baseline at B and of the
+accelerated run at the budget that matches it gives the noise floor the ratios must be read against.
 
-    python -m benchmarks.time_to_accuracy            # recipe-sized models, B = 10 (42 min on 2 CPU cores)
-    python -m benchmarks.time_to_accuracy --quick    # a 4-block ViT, B = 6 (9.5 min)
-    python -m benchmarks.time_to_accuracy --gpu      # batch 256, B = 250 (8B: 8.5 epochs), bf16, full splits
-    python -m benchmarks.time_to_accuracy --smoke    # synthetic data, seconds
+Each run is an accelvit run directory under `--runs` (shared with benchmarks/learning): finished
+runs are reused, unfinished ones resumed, and rows are written as they come.
+
+    python -m benchmarks.time_to_accuracy --objectives mocov3   # one objective (1 to 2 hours on 2 CPU cores)
+    python -m benchmarks.time_to_accuracy --gpu                 # batch 256, bf16, full splits, on one GPU
+    python -m benchmarks.time_to_accuracy --smoke               # synthetic data, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import (  # noqa: E402
-    BUDGETED_RUN,
     REPO,
+    RESULTS,
     SMOKE_RECIPE,
+    device,
     model_shape,
     untrained_knn,
     write_result,
 )
+from benchmarks.runs import final_step, recipe_digest, train_run, training_minutes  # noqa: E402
 
-QUICK = ["model.depth=4", "train.batch_size=64", "eval.train_limit=5000", "eval.test_limit=1000"]
-GPU = ["train.batch_size=256", "train.precision=bf16", "eval.train_limit=null", "eval.test_limit=null"]
+FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+GPU = [
+    "train.batch_size=256",
+    "train.precision=bf16",
+    "data.workers=8",
+    "eval.train_limit=null",
+    "eval.test_limit=null",
+]
 SMOKE = [
     *SMOKE_RECIPE,
+    "train.steps=8",
+    "train.checkpoint_every=4",
+    "train.eval_every=null",
     "eval.train_limit=64",
     "eval.test_limit=32",
+    "eval.linear_epochs=2",
     "objective.local_crops=0",
     "objective.hidden_dim=32",
     "objective.bottleneck_dim=16",
@@ -48,30 +61,13 @@ SMOKE = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", default="simclr,mocov3,dino")
-    p.add_argument("--base-steps", type=int, help="B, uncompressed steps (default 10; --quick 6; --gpu 250)")
-    p.add_argument("--budgets", type=int, default=4, help="how many doublings of B")
-    p.add_argument("--augment", default="device", choices=["cpu", "device"], help="data.augment of every run")
+    p.add_argument("--seeds", default="0,1", help="seeds; the second and later only at the matched budget")
+    p.add_argument("--runs", default=str(REPO / "runs" / "learning"), help="folder of the run directories")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true")
     size.add_argument("--gpu", action="store_true", help="a size for one GPU (runs anywhere, slowly)")
     size.add_argument("--smoke", action="store_true")
     p.add_argument("-o", "--output", default=None)
     return p.parse_args(argv)
-
-
-def train_and_eval(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
-    """One budgeted run, its kNN top-1 and wall time (training only)."""
-    from accelvit.checkpoint import create_run_dir
-    from accelvit.config import load_config
-    from accelvit.evaluate import evaluate_run
-    from accelvit.train import pretrain
-
-    cfg = load_config(recipe, overrides)
-    create_run_dir(run_dir, cfg)
-    tick = time.perf_counter()
-    result = pretrain(cfg, run_dir)
-    wall = time.perf_counter() - tick
-    return {"steps": result.step, "wall_s": wall, "knn_top1": evaluate_run(run_dir)["knn_top1"]}
 
 
 def full_step_units(recipe: Path, overrides: list[str]) -> float:
@@ -81,109 +77,199 @@ def full_step_units(recipe: Path, overrides: list[str]) -> float:
     from accelvit.objectives import OBJECTIVES
     from accelvit.schedule import Setting
 
-    cfg = load_config(recipe, [*overrides, "train.budget=1"], check_paths=False)
+    cfg = load_config(recipe, [*overrides, "train.steps=null", "train.budget=1"], check_paths=False)
     shape = model_shape(cfg)
     branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
     cost = flops_cost_fn(shape, branches, cfg.model.patch_size)
     return cost(Setting(1.0, cfg.model.patch_size)) * cfg.train.batch_size
 
 
-def speedup(rows: list[dict]) -> dict:
-    """Smallest accelerated budget reaching the baseline's accuracy at its largest budget."""
-    baseline = {r["budget"]: r for r in rows if r["recipe"] == "baseline"}
-    accel = sorted((r for r in rows if r["recipe"] == "accel"), key=lambda r: r["budget"])
-    top = baseline[max(baseline)]
-    reached = next((r for r in accel if r["knn_top1"] >= top["knn_top1"]), None)
+def crossing(points: list[tuple[float, float]], target: float) -> float | None:
+    """The smallest x at which y reaches `target`, interpolated in log x between measured points
+    (x ascending); None when no point reaches it."""
+    for i, (x, y) in enumerate(points):
+        if y >= target:
+            if i == 0:
+                return x
+            x0, y0 = points[i - 1]
+            t = (target - y0) / (y - y0)
+            return math.exp(math.log(x0) + t * (math.log(x) - math.log(x0)))
+    return None
+
+
+def interpolate_log(points: list[tuple[float, float]], x: float) -> float:
+    """y at x, linear in log x between the measured points (x ascending)."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return points[0][1] if x < points[0][0] else points[-1][1]
+
+
+def speedup(rows: list[dict], metric: str) -> dict:
+    """B over the smallest accelerated budget reaching the seed-0 baseline's `metric` at B."""
+    baseline = next(r for r in rows if r["recipe"] == "baseline" and r["seed"] == rows[0]["seed"])
+    accel = sorted((r for r in rows if r["recipe"] == "accel" and r["seed"] == baseline["seed"]),
+                   key=lambda r: r["budget"])  # fmt: skip
+    points = [(r["budget"], r[metric]) for r in accel]
+    reached = crossing(points, baseline[metric])
     if reached is None:
-        best = max(accel, key=lambda r: r["knn_top1"])
-        return {"target": top["knn_top1"], "reached": False, "best_accel": best["knn_top1"]}
+        return {"target": baseline[metric], "reached": False, "best_accel": max(y for _, y in points)}
+    wall = interpolate_log([(r["budget"], r["minutes"]) for r in accel], reached)
     return {
-        "target": top["knn_top1"],
+        "target": baseline[metric],
         "reached": True,
-        "budget_ratio": top["budget"] / reached["budget"],
-        "wall_ratio": top["wall_s"] / reached["wall_s"],
+        "budget": reached,
+        "speedup_budget": baseline["budget"] / reached,
+        "speedup_wall": baseline["minutes"] / wall,
     }
-
-
-def sized(args: argparse.Namespace) -> tuple[str, list[str], int]:
-    """The run size the flags ask for, the overrides every run of it gets, and B in steps."""
-    size = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
-    overrides = [*BUDGETED_RUN, f"data.augment={args.augment}"]
-    overrides += {"smoke": SMOKE, "quick": QUICK, "gpu": GPU, "full": []}[size]
-    base_steps = args.base_steps or {"smoke": 2, "quick": 6, "gpu": 250, "full": 10}[size]
-    return size, overrides, base_steps
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from accelvit.config import load_config
+    from accelvit.evaluate import evaluate_run
+
     args = parse_args(argv)
-    size, common, args.base_steps = sized(args)
-    if args.smoke:
-        args.budgets = 2
-    objectives = args.objectives.split(",")
-    rows, summary, untrained = [], {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in objectives:
-            baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
-            unit = full_step_units(baseline, common)
-            untrained[name] = untrained_knn(baseline, [*common, "train.budget=1"])
-            print(f"{name:>7} untrained backbone: kNN top-1 {untrained[name]:.4f}", flush=True)
-            for i in range(args.budgets):
-                budget = args.base_steps * 2**i * unit
-                for kind in ("baseline", "accel"):
-                    recipe = REPO / f"recipes/{name}-fmnist-{kind}.yaml"
-                    run = train_and_eval(
-                        recipe, [*common, f"train.budget={budget}"], Path(tmp) / f"{name}-{kind}-{i}"
-                    )
-                    rows.append({"objective": name, "recipe": kind, "budget": budget, **run})
-                    print(
-                        f"{name:>7} {kind:>8} budget {budget:10.4g} ({run['steps']:5d} steps, "
-                        f"{run['wall_s']:6.1f} s): kNN top-1 {run['knn_top1']:.4f}",
-                        flush=True,
-                    )
-            summary[name] = speedup([r for r in rows if r["objective"] == name])
-    print(format_table(rows, summary, untrained))
-    result = {
-        "dataset": "synthetic" if args.smoke else "fashion-mnist",
-        "size": size,
-        "overrides": common,
-        "base_steps": args.base_steps,
-        "untrained_knn": untrained,
-        "rows": rows,
-        "speedup": summary,
-    }
-    name = (
-        "time_to_accuracy"
-        + ("" if size == "full" else f"-{size}")
-        + ("-device-augment" if args.augment == "device" else "")
-    )
-    return write_result(name, result, args.output)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    size = "smoke" if args.smoke else "gpu" if args.gpu else "cpu"
+    common = {"smoke": SMOKE, "gpu": GPU, "cpu": []}[size]
+    runs = Path(args.runs) / ("" if size == "cpu" else size)
+    name = "time_to_accuracy" + ("" if size == "cpu" else f"-{size}")
+    out = args.output or str(RESULTS / f"{name}-{device().type}.json")
+    cache = {(r["run_recipe"], r["step"]): r for r in _previous_rows(out)}
+    rows: list[dict] = []
+    summary: dict[str, dict] = {}
+
+    def measure(name: str, kind: str, fraction: float, seed: int, budget_units: float) -> dict:
+        recipe = REPO / f"recipes/{name}-fmnist-{kind}.yaml"
+        overrides = [*common, f"train.seed={seed}"]
+        if kind == "accel":
+            overrides += ["train.steps=null", f"train.budget={fraction * budget_units}"]
+        label = "baseline" if kind == "baseline" else f"accel-{fraction:g}"
+        run_dir = runs / f"{name}-{label}-seed{seed}"
+        train_run(recipe, overrides, run_dir)
+        step, identity = final_step(run_dir), recipe_digest(run_dir)
+        row = cache.get((identity, step))
+        if row is None:
+            result = evaluate_run(run_dir, linear=True)
+            row = {
+                "objective": name,
+                "recipe": kind,
+                "fraction": fraction,
+                "budget": fraction * budget_units,
+                "seed": seed,
+                "step": step,
+                "minutes": round(training_minutes(run_dir), 3),
+                "knn_top1": result["knn_top1"],
+                "linear_top1": result["linear_top1"],
+                "run_recipe": identity,
+            }
+        rows.append(row)
+        print(f"{name:>7} {kind:>8} {fraction:5.3f} B seed {seed} ({step} steps, {row['minutes']:.1f} min): "
+              f"kNN {row['knn_top1']:.4f}, linear {row['linear_top1']:.4f}", flush=True)  # fmt: skip
+        _write(rows, summary, out, runs, size)
+        return row
+
+    for name in args.objectives.split(","):
+        baseline_recipe = REPO / f"recipes/{name}-fmnist-baseline.yaml"
+        cfg = load_config(baseline_recipe, common)
+        units = cfg.train.steps * full_step_units(baseline_recipe, common)
+        base = measure(name, "baseline", 1.0, seeds[0], units)
+        for fraction in FRACTIONS:
+            measure(name, "accel", fraction, seeds[0], units)
+        mine = [r for r in rows if r["objective"] == name]
+        knn = speedup(mine, "knn_top1")
+        # the second seed: the baseline at B, and the accelerated run at the budget that matches it
+        matched = min((f for f in FRACTIONS if f * units >= knn.get("budget", units) - 1e-6), default=1.0)
+        for seed in seeds[1:]:
+            measure(name, "baseline", 1.0, seed, units)
+            measure(name, "accel", matched, seed, units)
+        mine = [r for r in rows if r["objective"] == name]
+        summary[name] = {
+            "baseline_knn": base["knn_top1"],
+            "baseline_linear": base["linear_top1"],
+            "untrained_knn": untrained_knn(baseline_recipe, common),
+            "knn": knn,
+            "linear": speedup(mine, "linear_top1"),
+            "speedup_budget": knn.get("speedup_budget"),
+            "speedup_wall": knn.get("speedup_wall"),
+            "matched_fraction": matched,
+            "seeds": {
+                kind: {r["seed"]: r["knn_top1"] for r in mine if r["recipe"] == kind and r["fraction"] == f}
+                for kind, f in (("baseline", 1.0), ("accel", matched))
+            },
+        }
+        _write(rows, summary, out, runs, size)
+    print(format_table(rows, summary))
+    plot(rows, summary, Path(out).with_suffix(".png"))
+    return _write(rows, summary, out, runs, size)
 
 
-def format_table(rows: list[dict], summary: dict, untrained: dict) -> str:
+def _previous_rows(out: str) -> list[dict]:
+    import json
+
+    path = Path(out)
+    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+
+
+def _write(rows: list[dict], summary: dict, out: str, runs: Path, size: str) -> dict:
+    result = {"size": size, "fractions": FRACTIONS, "runs": str(runs), "rows": rows, "summary": summary}
+    return write_result("time_to_accuracy", result, out)
+
+
+def format_table(rows: list[dict], summary: dict) -> str:
     lines = [
-        "| objective | budget | baseline kNN | accel kNN | baseline s | accel s |",
-        "|---|---|---|---|---|---|",
+        "| objective | run | budget | seed | steps | minutes | kNN top-1 | linear top-1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    pairs: dict[tuple, dict] = {}
     for r in rows:
-        pairs.setdefault((r["objective"], r["budget"]), {})[r["recipe"]] = r
-    for (name, budget), pair in pairs.items():
-        b, a = pair["baseline"], pair["accel"]
         lines.append(
-            f"| {name} | {budget:.4g} | {b['knn_top1']:.4f} | {a['knn_top1']:.4f} "
-            f"| {b['wall_s']:.0f} | {a['wall_s']:.0f} |"
+            f"| {r['objective']} | {r['recipe']} | {r['fraction']:g} B | {r['seed']} | {r['step']} "
+            f"| {r['minutes']:.1f} | {r['knn_top1']:.4f} | {r['linear_top1']:.4f} |"
         )
     lines.append("")
     for name, s in summary.items():
-        lines.append(f"{name}: the untrained backbone has kNN top-1 {untrained[name]:.4f}")
-        if s["reached"]:
-            lines.append(
-                f"{name}: accelerated reaches {s['target']:.4f} with {s['budget_ratio']:.2f}x less budget, "
-                f"{s['wall_ratio']:.2f}x less wall-clock time"
-            )
-        else:
-            lines.append(f"{name}: accelerated does not reach {s['target']:.4f} (best {s['best_accel']:.4f})")
+        for metric in ("knn", "linear"):
+            m = s[metric]
+            if m["reached"]:
+                lines.append(
+                    f"{name} ({metric}): the accelerated recipe reaches the baseline's {m['target']:.4f} at "
+                    f"{m['speedup_budget']:.2f}x less budget, {m['speedup_wall']:.2f}x less wall clock"
+                )
+            else:
+                best, target = m["best_accel"], m["target"]
+                lines.append(f"{name} ({metric}): not reached ({best:.4f} against {target:.4f})")
+        seeds = ", ".join(f"{k} {sorted(v.values())}" for k, v in s["seeds"].items())
+        lines.append(f"{name}: untrained {s['untrained_knn']:.4f}; seeds: {seeds}")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], summary: dict, path: Path) -> None:
+    """Accuracy against budget (log x), one line per run kind, the baseline's level drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        mine = [r for r in rows if r["objective"] == name]
+        for metric, style in (("knn_top1", "-"), ("linear_top1", "--")):
+            first = [r for r in mine if r["recipe"] == "accel" and r["seed"] == mine[0]["seed"]]
+            accel = sorted((r["fraction"], r[metric]) for r in first)
+            ax.plot(*zip(*accel, strict=True), style, marker="o", label=f"accel {metric.split('_')[0]}")
+            base = [r[metric] for r in mine if r["recipe"] == "baseline"]
+            ax.scatter([1.0] * len(base), base, marker="s", color="black")
+            ax.axhline(base[0], color="grey", linestyle=style, linewidth=0.8)
+        ax.axhline(summary[name]["untrained_knn"], color="grey", linestyle=":", label="untrained kNN")
+        ax.set_xscale("log", base=2)
+        ax.set(title=name, xlabel="budget (fraction of the baseline's B)", ylabel="top-1")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

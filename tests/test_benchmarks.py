@@ -58,48 +58,49 @@ def test_grad_error_cost_smoke(tmp_path):
 
 
 def test_time_to_accuracy_smoke(tmp_path):
-    out = tmp_path / "tta.json"
-    result = written(out, time_to_accuracy.main(["--smoke", "--objectives", "simclr", "-o", str(out)]))
+    out, runs = tmp_path / "tta.json", tmp_path / "runs"
+    argv = ["--smoke", "--objectives", "simclr", "--runs", str(runs), "-o", str(out)]
+    result = written(out, time_to_accuracy.main(argv))
     rows = result["rows"]
-    assert [(r["recipe"], r["budget"]) for r in rows] == [
-        ("baseline", rows[0]["budget"]),
-        ("accel", rows[0]["budget"]),
-        ("baseline", 2 * rows[0]["budget"]),
-        ("accel", 2 * rows[0]["budget"]),
-    ]
-    assert all(0 <= r["knn_top1"] <= 1 and r["steps"] > 0 for r in rows)
-    # same budget, cheaper steps: the accelerated run takes more of them
-    assert rows[1]["steps"] > rows[0]["steps"]
-    assert set(result["speedup"]["simclr"]) >= {"target", "reached"}
-    assert 0 <= result["untrained_knn"]["simclr"] <= 1
+    first = [(r["recipe"], r["fraction"], r["seed"]) for r in rows[:5]]
+    assert first == [("baseline", 1.0, 0)] + [("accel", f, 0) for f in (0.125, 0.25, 0.5, 1.0)]
+    matched = result["summary"]["simclr"]["matched_fraction"]
+    assert [(r["recipe"], r["fraction"], r["seed"]) for r in rows[5:]] == [("baseline", 1.0, 1), ("accel", matched, 1)]
+    assert all(0 <= r["knn_top1"] <= 1 and 0 <= r["linear_top1"] <= 1 and r["step"] > 0 for r in rows)
+    # the accelerated run at B takes more, cheaper steps than the baseline at B
+    assert rows[4]["budget"] == pytest.approx(rows[0]["budget"]) and rows[4]["step"] > rows[0]["step"]
+    summary = result["summary"]["simclr"]
+    assert set(summary["knn"]) >= {"target", "reached"} and 0 <= summary["untrained_knn"] <= 1
+    assert set(summary["seeds"]["baseline"]) == {"0", "1"}
+    assert out.with_suffix(".png").is_file()
+    again = written(out, time_to_accuracy.main(argv))  # every run reused, every score from the cache
+    assert again["rows"] == rows
 
 
-def test_time_to_accuracy_sizes():
-    size, overrides, base = time_to_accuracy.sized(time_to_accuracy.parse_args(["--gpu"]))
-    assert (size, base) == ("gpu", 250)
-    assert {"train.precision=bf16", "train.batch_size=256", "eval.train_limit=null"} <= set(overrides)
-    size, overrides, base = time_to_accuracy.sized(time_to_accuracy.parse_args(["--base-steps", "3"]))
-    assert (size, base) == ("full", 3) and "data.augment=device" in overrides
+def test_gpu_size_sets_batch_precision_and_full_splits():
+    args = time_to_accuracy.parse_args(["--gpu"])
+    assert args.gpu and {"train.precision=bf16", "train.batch_size=256", "eval.train_limit=null"} <= set(
+        time_to_accuracy.GPU
+    )
     with pytest.raises(SystemExit):
-        time_to_accuracy.parse_args(["--quick", "--gpu"])
+        time_to_accuracy.parse_args(["--smoke", "--gpu"])
 
 
-def test_speedup_is_the_smallest_accelerated_budget_reaching_the_baseline():
+def test_speedup_interpolates_in_log_budget():
     rows = [
-        {"recipe": "baseline", "budget": 1, "knn_top1": 0.5, "wall_s": 10},
-        {"recipe": "baseline", "budget": 4, "knn_top1": 0.7, "wall_s": 40},
-        {"recipe": "accel", "budget": 1, "knn_top1": 0.6, "wall_s": 12},
-        {"recipe": "accel", "budget": 2, "knn_top1": 0.71, "wall_s": 22},
-        {"recipe": "accel", "budget": 4, "knn_top1": 0.75, "wall_s": 44},
+        {"recipe": "baseline", "seed": 0, "budget": 8, "knn_top1": 0.7, "minutes": 40},
+        {"recipe": "accel", "seed": 0, "budget": 1, "knn_top1": 0.6, "minutes": 5},
+        {"recipe": "accel", "seed": 0, "budget": 2, "knn_top1": 0.66, "minutes": 10},
+        {"recipe": "accel", "seed": 0, "budget": 4, "knn_top1": 0.74, "minutes": 20},
+        {"recipe": "accel", "seed": 1, "budget": 4, "knn_top1": 0.9, "minutes": 20},  # other seeds: noise floor only
     ]
-    assert time_to_accuracy.speedup(rows) == {
-        "target": 0.7,
-        "reached": True,
-        "budget_ratio": 2.0,
-        "wall_ratio": 40 / 22,
-    }
-    rows[3]["knn_top1"] = rows[4]["knn_top1"] = 0.65
-    assert time_to_accuracy.speedup(rows) == {"target": 0.7, "reached": False, "best_accel": 0.65}
+    result = time_to_accuracy.speedup(rows, "knn_top1")
+    reached = 2 * 2 ** ((0.7 - 0.66) / (0.74 - 0.66))  # halfway from 2 to 4 in log budget
+    assert result["budget"] == pytest.approx(reached)
+    assert result["speedup_budget"] == pytest.approx(8 / reached)
+    assert result["speedup_wall"] == pytest.approx(40 / 15)  # minutes interpolated the same way
+    rows[3]["knn_top1"] = 0.65
+    assert time_to_accuracy.speedup(rows, "knn_top1") == {"target": 0.7, "reached": False, "best_accel": 0.66}
 
 
 def test_compression_study_smoke(tmp_path):
@@ -140,7 +141,7 @@ def test_learning_smoke_reuses_finished_runs_and_resumes_unfinished(tmp_path):
     assert out.with_suffix(".png").is_file()
 
     # a second sitting: the finished seed is reused as it is, the unfinished one resumed to the end
-    run0, run1 = runs / "smoke/mocov3-seed0", runs / "smoke/mocov3-seed1"
+    run0, run1 = runs / "smoke/mocov3-baseline-seed0", runs / "smoke/mocov3-baseline-seed1"
     untouched = (run0 / "metrics.jsonl").read_text()
     shutil.rmtree(run1 / "checkpoints/step_8")
     again = written(out, learning.main(argv))
@@ -150,4 +151,4 @@ def test_learning_smoke_reuses_finished_runs_and_resumes_unfinished(tmp_path):
     # a run directory of another recipe is never silently reused
     recipe = learning.REPO / "recipes/mocov3-fmnist-baseline.yaml"
     with pytest.raises(SystemExit, match="another recipe"):
-        learning.train(recipe, [*learning.SMOKE, "train.seed=0", "optim.lr=0.5"], run0)
+        learning.train_run(recipe, [*learning.SMOKE, "train.seed=0", "optim.lr=0.5"], run0)

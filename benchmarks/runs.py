@@ -1,0 +1,68 @@
+"""Benchmark runs as accelvit run directories: trained once, resumed when unfinished, reused when done.
+
+A measurement can then span several sittings (Ctrl-C or SIGTERM checkpoints the run in progress), and
+a run directory serves every benchmark that asks for the same recipe (the learning curves and the
+baseline of time to accuracy share theirs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from accelvit.checkpoint import RECIPE, create_run_dir, latest_checkpoint
+from accelvit.config import Config, load_config
+from accelvit.train import pretrain
+
+
+def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> Config:
+    """Train `run_dir` to its end: create it, resume it, or leave a finished run as it is.
+
+    Raises SystemExit when the directory holds a run of another recipe, or when a signal stopped it.
+    """
+    cfg = load_config(recipe, overrides)
+    if not (run_dir / RECIPE).is_file():
+        create_run_dir(run_dir, cfg)
+        result = pretrain(cfg, run_dir)
+    else:
+        if load_config(run_dir / RECIPE) != cfg:
+            raise SystemExit(f"{run_dir} was trained with another recipe than {recipe.name}; move it away")
+        last = latest_checkpoint(run_dir)
+        if last is not None and _finished(run_dir, last):
+            return cfg
+        result = pretrain(cfg, run_dir, resume=last is not None)
+    if result.stopped:
+        raise SystemExit(f"stopped; run the benchmark again to resume {run_dir}")
+    return cfg
+
+
+def _finished(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether the newest checkpoint is the run's last (its metrics reach progress 1)."""
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    step = int(checkpoint.name.removeprefix("step_"))
+    return any(r.get("step") == step and r.get("progress", 0) >= 1 for r in map(json.loads, lines))
+
+
+def recipe_digest(run_dir: Path) -> str:
+    """What a cached result must match: the run's resolved recipe (a retrained run is scored again)."""
+    return hashlib.sha256((run_dir / RECIPE).read_bytes()).hexdigest()[:16]
+
+
+def training_minutes(run_dir: Path, step: int | None = None) -> float:
+    """Training minutes up to `step` (default: all): the step and data time of every metrics line."""
+    seconds = 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if (step is None or record["step"] <= step) and "step_s" in record:
+            seconds += record["step_s"] + record["data_s"]
+    return seconds / 60
+
+
+def final_step(run_dir: Path) -> int:
+    """The step of the run's newest checkpoint."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        raise SystemExit(f"{run_dir} has no checkpoint")
+    return int(last.name.removeprefix("step_"))
