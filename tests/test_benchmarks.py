@@ -152,3 +152,31 @@ def test_learning_smoke_reuses_finished_runs_and_resumes_unfinished(tmp_path):
     recipe = learning.REPO / "recipes/mocov3-fmnist-baseline.yaml"
     with pytest.raises(SystemExit, match="another recipe"):
         learning.train_run(recipe, [*learning.SMOKE, "train.seed=0", "optim.lr=0.5"], run0)
+
+
+def test_schedule_families_smoke(tmp_path):
+    from benchmarks import schedule_families
+
+    out = tmp_path / "families.json"
+    argv = ["--smoke", "--objectives", "simclr", "--runs", str(tmp_path / "runs"), "-o", str(out)]
+    result = written(out, schedule_families.main(argv))
+    rows = {r["family"]: r for r in result["rows"]}
+    assert list(rows) == list(schedule_families.FAMILIES)
+    assert all(0 <= r["knn_top1"] <= 1 and 0 <= r["linear_top1"] <= 1 for r in rows.values())
+    assert rows["adaptive"]["estimator_units"] > 0 and rows["plan"]["estimator_minutes"] > 0
+    # constant and random runs cost the curriculum's mean per step: about as many steps at equal budget
+    for family in ("constant", "random"):
+        assert abs(rows[family]["step"] - rows["curriculum"]["step"]) <= 0.25 * rows["curriculum"]["step"]
+    assert rows["uncompressed"]["step"] < rows["curriculum"]["step"]
+
+
+def test_constant_and_random_settings_match_a_mean_cost():
+    from accelvit.schedule import Setting
+    from benchmarks import schedule_families
+
+    def cost(s: Setting) -> float:  # a made-up cost: linear in keep, patch 8 at a quarter
+        return s.keep * (0.25 if s.patch == 8 else 1.0)
+
+    assert schedule_families.constant_keep(cost, 4, 0.4) == pytest.approx(0.4, abs=1e-3)
+    small, big = schedule_families.random_weights(cost, 4, 0.4)
+    assert small * 1.0 + big * 0.25 == pytest.approx(0.4, abs=1e-3) and small + big == pytest.approx(1.0)

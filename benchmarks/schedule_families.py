@@ -1,0 +1,237 @@
+"""The schedule families side by side, at one budget and on one model.
+
+For each objective (SimCLR first), at `--fraction` of the baseline recipe's budget B:
+- uncompressed: the baseline recipe;
+- curriculum: the accelerated recipe's hand-made schedule;
+- constant: token dropout at one keep ratio whose step costs the curriculum's mean (the reference
+  finds constant compression plateaus);
+- random: a patch size drawn per step from {base, 2 x base}, weighted to the curriculum's mean cost
+  (FlexiViT's sampling, the peer baseline a schedule has to beat);
+- plan: `accelvit plan` (FLOPs cost) from grad-error reports at 0, 1/4, 1/2 and 3/4 of a short
+  uncompressed run of a quarter of the budget;
+- adaptive: `schedule.mode: adaptive`, the same candidates measured by the run itself.
+Every run is scored by kNN top-1 and a linear probe; the table gives training minutes, steps and what
+the estimator cost (plan: the short run and its reports; adaptive: the budget its stages took).
+
+    python -m benchmarks.schedule_families --objectives simclr    # 1 to 2 hours on 2 CPU cores
+    python -m benchmarks.schedule_families --smoke                # synthetic data, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
+from benchmarks.common import REPO, RESULTS, device, model_shape, write_result  # noqa: E402
+from benchmarks.runs import final_step, recipe_digest, train_run, training_minutes  # noqa: E402
+from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
+
+FAMILIES = ("uncompressed", "curriculum", "constant", "random", "plan", "adaptive")
+STAGES = (0.0, 0.25, 0.5, 0.75)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--objectives", default="simclr,mocov3")
+    p.add_argument("--fraction", type=float, default=0.5, help="budget as a fraction of the baseline's B")
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--runs", default=str(REPO / "runs" / "families"), help="folder of the run directories")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--gpu", action="store_true")
+    size.add_argument("--smoke", action="store_true")
+    p.add_argument("-o", "--output", default=None)
+    return p.parse_args(argv)
+
+
+def step_cost_fn(recipe: Path, overrides: list[str]):
+    """Setting -> step cost relative to the uncompressed step of the recipe's objective (FLOPs)."""
+    from accelvit.budget import flops_cost_fn
+    from accelvit.config import load_config
+    from accelvit.objectives import OBJECTIVES
+    from accelvit.schedule import Setting
+
+    cfg = load_config(recipe, overrides, check_paths=False)
+    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
+    cost = flops_cost_fn(model_shape(cfg), branches, cfg.model.patch_size)
+    full = cost(Setting(1.0, cfg.model.patch_size))
+    return lambda s: cost(s) / full
+
+
+def curriculum_mean_cost(recipe: Path, overrides: list[str]) -> float:
+    """The mean relative cost of the recipe's steps: at equal budget, a schedule whose steps cost this on
+    average takes as many steps."""
+    from accelvit.budget import flops_cost_fn, mean_cost, simulate
+    from accelvit.config import load_config
+    from accelvit.objectives import OBJECTIVES
+
+    cfg = load_config(recipe, overrides, check_paths=False)
+    shape = model_shape(cfg)
+    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
+    cost = flops_cost_fn(shape, branches, cfg.model.patch_size)
+    return mean_cost(simulate(cfg, shape, cost, cfg.train.batch_size))
+
+
+def constant_keep(cost, base: int, target: float) -> float:
+    """The keep ratio at the base patch whose step costs `target` of the full step (bisection)."""
+    from accelvit.schedule import Setting
+
+    lo, hi = 0.01, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(Setting(mid, base)) < target else (lo, mid)
+    return round((lo + hi) / 2, 4)
+
+
+def random_weights(cost, base: int, target: float) -> list[float]:
+    """Weights of patch (base, 2 x base) whose expected step cost is `target`: p c_2x + (1 - p) = target."""
+    from accelvit.schedule import Setting
+
+    big = cost(Setting(1.0, 2 * base))
+    p = (1 - target) / (1 - big)
+    p = min(max(p, 0.0), 1.0)
+    return [round(1 - p, 4), round(p, 4)]
+
+
+def plan_schedule(
+    recipe: Path, overrides: list[str], budget: float, runs: Path, name: str
+) -> tuple[Path, float]:
+    """Grad-error reports of a short uncompressed run -> `accelvit plan` -> a schedule file; its cost
+    in minutes (the short run's training and its reports)."""
+    from accelvit.checkpoint import GRAD_ERROR
+    from accelvit.gradbias import SCHEMA
+    from accelvit.plan import plan, schedule_from_plan, write_schedule
+    from accelvit.report import load_grad_report
+
+    source = runs / f"{name}-plan-source"
+    base = _base_patch(recipe, overrides)
+    strategies = f"0.5:{base},0.25:{base},1:{2 * base},0.5:{2 * base},0.25:{2 * base}"
+    train_run(
+        recipe,
+        [
+            *overrides,
+            "train.steps=null",
+            f"train.budget={budget / 4}",
+            f"train.grad_error_at={list(STAGES)}",
+            f"train.grad_error_strategies={strategies}",
+        ],
+        source,
+    )
+    paths = sorted((source / GRAD_ERROR).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    reports = [load_grad_report(p, SCHEMA) for p in paths]
+    out = runs / f"{name}-plan.yaml"
+    write_schedule(out, schedule_from_plan(plan(reports, base, "flops")), [p.name for p in paths])
+    minutes = training_minutes(source) + sum(r["wall_s"] for r in reports) / 60
+    return out, minutes
+
+
+def _base_patch(recipe: Path, overrides: list[str]) -> int:
+    from accelvit.config import load_config
+
+    return load_config(recipe, overrides, check_paths=False).model.patch_size
+
+
+def family_overrides(
+    family: str, name: str, common: list[str], budget: float, runs: Path
+) -> tuple[Path, list[str], float]:
+    """The recipe, overrides and up-front estimator minutes of one family's run."""
+    baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
+    accel = REPO / f"recipes/{name}-fmnist-accel.yaml"
+    budgeted = [*common, "train.steps=null", f"train.budget={budget}", "train.eval_every=null"]
+    base = _base_patch(baseline, common)
+    mean = curriculum_mean_cost(accel, budgeted)
+    cost = step_cost_fn(accel, budgeted)
+    if family == "uncompressed":
+        return baseline, budgeted, 0.0
+    if family == "curriculum":
+        return accel, budgeted, 0.0
+    if family == "constant":
+        keep = constant_keep(cost, base, mean)
+        return accel, [*budgeted, f"schedule.keep={keep}", f"schedule.patch={base}", "schedule.merge=0"], 0.0
+    if family == "random":
+        weights = random_weights(cost, base, mean)
+        patch = f"{{shape: random, choices: [{base}, {2 * base}], weights: {weights}}}"
+        return accel, [*budgeted, "schedule.keep=1.0", f"schedule.patch={patch}", "schedule.merge=0"], 0.0
+    if family == "plan":
+        path, minutes = plan_schedule(baseline, common, budget, runs, name)
+        return accel, [*budgeted, "schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"], minutes
+    if family == "adaptive":
+        candidates = f"0.5:{base},0.25:{base},1:{2 * base},0.5:{2 * base},0.25:{2 * base}"
+        return accel, [*budgeted, "schedule.mode=adaptive", f"schedule.stages={list(STAGES)}",
+                       f"schedule.candidates={candidates}"], 0.0  # fmt: skip
+    raise ValueError(family)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from accelvit.config import load_config
+    from accelvit.evaluate import evaluate_run
+
+    args = parse_args(argv)
+    size = "smoke" if args.smoke else "gpu" if args.gpu else "cpu"
+    common = {"smoke": SMOKE, "gpu": GPU, "cpu": []}[size]
+    runs = Path(args.runs) / ("" if size == "cpu" else size)
+    runs.mkdir(parents=True, exist_ok=True)
+    suffix = "" if size == "cpu" else f"-{size}"
+    out = args.output or str(RESULTS / f"schedule_families{suffix}-{device().type}.json")
+    cache = {(r["run_recipe"], r["step"]): r for r in _previous_rows(out)}
+    rows: list[dict] = []
+    for name in args.objectives.split(","):
+        baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
+        units = load_config(baseline, common).train.steps * full_step_units(baseline, common)
+        budget = args.fraction * units
+        for family in args.families.split(","):
+            recipe, overrides, estimator_minutes = family_overrides(family, name, common, budget, runs)
+            run_dir = runs / f"{name}-{family}-{args.fraction:g}"
+            train_run(recipe, overrides, run_dir)
+            step, identity = final_step(run_dir), recipe_digest(run_dir)
+            row = cache.get((identity, step))
+            if row is None:
+                result = evaluate_run(run_dir, linear=True)
+                last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+                row = {
+                    "objective": name,
+                    "family": family,
+                    "fraction": args.fraction,
+                    "step": step,
+                    "minutes": round(training_minutes(run_dir), 3),
+                    "knn_top1": result["knn_top1"],
+                    "linear_top1": result["linear_top1"],
+                    "estimator_units": last.get("estimator_spent", 0.0),
+                    "estimator_minutes": round(estimator_minutes, 3),
+                    "overrides": overrides,
+                    "run_recipe": identity,
+                }
+            rows.append(row)
+            print(f"{name:>7} {family:>12}: kNN {row['knn_top1']:.4f}, linear {row['linear_top1']:.4f}, "
+                  f"{row['step']} steps, {row['minutes']:.1f} min", flush=True)  # fmt: skip
+            write_result("schedule_families", {"size": size, "rows": rows}, out)
+    print(format_table(rows))
+    return write_result("schedule_families", {"size": size, "rows": rows}, out)
+
+
+def _previous_rows(out: str) -> list[dict]:
+    path = Path(out)
+    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| objective | family | kNN top-1 | linear top-1 | minutes | steps | estimator |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        estimator = (
+            f"{r['estimator_units']:.3g} units" if r["estimator_units"]
+            else f"{r['estimator_minutes']:.1f} min" if r["estimator_minutes"] else "-"
+        )  # fmt: skip
+        lines.append(
+            f"| {r['objective']} | {r['family']} | {r['knn_top1']:.4f} | {r['linear_top1']:.4f} "
+            f"| {r['minutes']:.1f} | {r['step']} | {estimator} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
