@@ -191,16 +191,6 @@ class BaseImage:
         return [pil_to_tensor(image)]
 
 
-def view_pipeline(cfg) -> tuple:
-    """(per-image loader transform, per-batch view specs or None) for `data.augment` of `cfg`."""
-    from accelvit.objectives import OBJECTIVES
-
-    objective = OBJECTIVES[cfg.objective.name]
-    if cfg.data.augment == "device":
-        return BaseImage(cfg.model.image_size), objective.view_specs(cfg.objective, cfg.model, cfg.data)
-    return objective.transform(cfg.objective, cfg.model, cfg.data), None
-
-
 def batch_views(
     loaded: list[torch.Tensor], specs: list[ViewSpec] | None, seed: int, step: int, rank: int, device
 ) -> list[torch.Tensor]:

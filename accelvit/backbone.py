@@ -23,7 +23,8 @@ from torch import nn
 
 from accelvit.arch import attach
 from accelvit.budget import VitShape
-from accelvit.config import ConfigError, ModelConfig, stem_stride
+from accelvit.config import ConfigError, ModelConfig
+from accelvit.setting import stem_stride
 
 RGB = 3  # timm's ViTs take 3 channels; the data pipeline gives grayscale images as RGB
 

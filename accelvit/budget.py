@@ -8,22 +8,20 @@ forward cost relative to the uncompressed one. That relative cost comes from ana
 (`cost.model: measured`, stored in the run so that a resumed run counts the same). Heads and losses
 are not counted: they are a small, constant part of a step.
 
-Everything but `measure_costs` is plain arithmetic, so schedules can be costed before a model exists.
+Plain arithmetic, so schedules can be costed before a model exists (timing a step on the device is
+`accelvit.timing`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import statistics
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from accelvit.config import Config, TrainConfig, patch_sizes, stem_stride
+from accelvit.config import Config, TrainConfig
 from accelvit.merge import patch_tokens_per_block
-from accelvit.schedule import Setting, patch_for_size, ramp_values, setting_at, snap_patch
+from accelvit.schedule import setting_at
+from accelvit.setting import Setting, kept_patches, num_patches, patch_for_size, stem_stride
 
 BACKWARD_FACTOR = 3.0  # forward + backward: the backward pass costs about two forwards
 
@@ -40,15 +38,6 @@ class VitShape:
     in_chans: int = 3
     stem: tuple[int, ...] = ()  # channels of the stride-2 3x3 convolutional stem layers (model.stem)
     num_heads: int = 1  # token merging matches on keys averaged over heads (width embed_dim / heads)
-
-
-def num_patches(image_size: int, patch: int) -> int:
-    return (image_size // patch) ** 2
-
-
-def kept_patches(patches: int, keep: float) -> int:
-    """Patch tokens kept by token dropout: round(keep * patches), at least one."""
-    return max(1, min(patches, round(keep * patches)))
 
 
 def tokens_per_view(shape: VitShape, setting: Setting) -> int:
@@ -172,90 +161,6 @@ def progress_of(train: TrainConfig, step: int, budget_spent: float) -> float:
     if train.budget is not None:
         return min(budget_spent / train.budget, 1.0)
     return min(step / train.steps, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measured costs
-
-
-def measured_settings(cfg: Config, candidates: Iterable[Setting] = ()) -> list[Setting]:
-    """Settings to time: the patch sizes the run can use, each at keeps 0.25 ... 1 and its lowest keep,
-    and, if it merges tokens, at merge 0, 0.1, ... up to its largest merge fraction."""
-    image_size, base, stride = cfg.model.image_size, cfg.model.patch_size, stem_stride(cfg.model.stem)
-    allowed = patch_sizes(cfg.model)
-    ramp = [setting_at(cfg.schedule, i / 100, image_size, base, stride) for i in range(101)]
-    candidates = list(candidates)
-    drawn = [snap_patch(p, allowed) for p in ramp_values(cfg.schedule.patch, base)]  # random ramps too
-    low, high = min(s.patch for s in ramp), max(s.patch for s in ramp)
-    low, high = min(low, *drawn), max(high, *drawn)
-    patches = {p for p in allowed if low <= p <= high} | {c.patch for c in candidates} | {base}
-    lowest_keep = min(min(s.keep for s in ramp), *ramp_values(cfg.schedule.keep))
-    keeps = {0.25, 0.5, 0.75, 1.0} | {c.keep for c in candidates} | {lowest_keep}
-    top = max(max(s.merge for s in ramp), *ramp_values(cfg.schedule.merge, 0.0))
-    merges = {0.0, top} | {m for m in (0.1, 0.2, 0.3, 0.4) if m < top} | {c.merge for c in candidates}
-    return [Setting(k, p, m) for p in sorted(patches) for m in sorted(merges) for k in sorted(keeps)]
-
-
-def measure_costs(model, views: list, settings: list[Setting], repeats: int) -> list[dict]:
-    """Time forward + backward of the objective `model` on `views` (one batch) at each setting.
-
-    Units: the median step time over the median time of the backbone's uncompressed forward on the
-    batch's first view, i.e. budget units per image. Buffers, gradients and RNG states are restored.
-    """
-    import torch
-
-    from accelvit.compress import base_patch_size, forward_features
-    from accelvit.objectives import buffer_restorer
-
-    backbone, base = model.backbone, base_patch_size(model.backbone)
-    restore_buffers = buffer_restorer(model)
-
-    def median_time(fn: Callable[[], object]) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            _synchronize(views[0].device)
-            tick = time.perf_counter()
-            fn()
-            _synchronize(views[0].device)
-            times.append(time.perf_counter() - tick)
-        return statistics.median(times)
-
-    def step(setting: Setting) -> None:
-        model(views, setting, 0.0).backward()
-        model.zero_grad(set_to_none=True)
-        restore_buffers()
-
-    def unit_forward() -> None:
-        with torch.no_grad():
-            forward_features(backbone, views[0], Setting(1.0, base))
-
-    with torch.random.fork_rng(devices=[views[0].device] if views[0].device.type == "cuda" else []):
-        unit = median_time(unit_forward)
-        return [
-            {
-                "keep": s.keep,
-                "patch": s.patch,
-                "merge": s.merge,
-                "units": median_time(lambda s=s: step(s)) / unit,
-            }
-            for s in settings
-        ]
-
-
-def _synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def write_costs(path: Path, table: list[dict], device: str) -> None:
-    path.write_text(json.dumps({"device": device, "costs": table}, indent=1) + "\n")
-
-
-def read_costs(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["costs"]
 
 
 @dataclass(frozen=True)

@@ -66,34 +66,15 @@ def _schedule(args: argparse.Namespace) -> int:
     rows = simulate(cfg, shape, flops_cost_fn(shape, branches, cfg.model.patch_size), global_batch)
     measured = None
     if args.measure:
-        measured = simulate(cfg, shape, _measured_cost_fn(cfg), global_batch)
+        from accelvit.timing import measured_cost_fn
+
+        measured = simulate(cfg, shape, measured_cost_fn(cfg), global_batch)
     print(format_schedule(sample_rows(rows, args.rows), rows, global_batch, measured))
     if cfg.schedule.mode == "adaptive":
         print("adaptive: the run picks each stage's setting; shown are its ramps before the first stage")
     if args.plot:
         print(f"plot: {plot_schedule(sample_rows(rows, 401), Path(args.plot), title=Path(args.recipe).name)}")
     return 0
-
-
-def _measured_cost_fn(cfg):
-    """Step costs timed on this machine with random images (timing does not depend on content)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from accelvit.backbone import build_backbone
-    from accelvit.budget import measure_costs, measured_settings, table_cost_fn
-    from accelvit.objectives import OBJECTIVES
-
-    objective = OBJECTIVES[cfg.objective.name]
-    model = objective.build(cfg.objective, build_backbone(cfg.model), cfg.schedule.dropout_views)
-    transform = objective.transform(cfg.objective, cfg.model, cfg.data)
-    size = cfg.model.image_size
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
-    views = [
-        torch.stack(v) for v in zip(*(transform(image) for _ in range(cfg.train.batch_size)), strict=True)
-    ]
-    return table_cost_fn(measure_costs(model, views, measured_settings(cfg), cfg.cost.repeats))
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -122,11 +103,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _grad_error(args: argparse.Namespace) -> int:
+    from accelvit.build import estimate
     from accelvit.checkpoint import RECIPE, checkpoint_step
     from accelvit.config import patch_sizes
     from accelvit.export import resolve_checkpoint
-    from accelvit.gradbias import estimate, strategies_or_default
     from accelvit.report import grad_table, write_grad_report
+    from accelvit.setting import strategies_or_default
 
     source = Path(args.source)
     checkpoint, step = None, 0

@@ -26,8 +26,7 @@ from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from timm.models.vision_transformer import VisionTransformer
 
 from accelvit.arch import Observer, options, precondition_tokens, run_blocks
-from accelvit.budget import kept_patches
-from accelvit.schedule import Setting
+from accelvit.setting import Setting, kept_patches
 
 
 @functools.cache
@@ -36,7 +35,7 @@ def _resampler(base: int) -> PatchEmbedResamplerFixedOrigSize:
     return PatchEmbedResamplerFixedOrigSize(orig_size=(base, base))
 
 
-def stem_stride(vit: VisionTransformer) -> int:
+def vit_stem_stride(vit: VisionTransformer) -> int:
     """Pixels per cell of the convolutional stem's output map (1: no stem)."""
     pe = vit.patch_embed
     return pe.feature_ratio[0] if isinstance(pe, HybridEmbed) else 1
@@ -44,7 +43,7 @@ def stem_stride(vit: VisionTransformer) -> int:
 
 def base_patch_size(vit: VisionTransformer) -> int:
     """The base patch size in pixels."""
-    return vit.patch_embed.proj.kernel_size[0] * stem_stride(vit)
+    return vit.patch_embed.proj.kernel_size[0] * vit_stem_stride(vit)
 
 
 def embed_tokens(vit: VisionTransformer, images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -58,7 +57,7 @@ def embed_tokens(vit: VisionTransformer, images: torch.Tensor, patch: int) -> to
     if stem:
         images = pe.backbone(images)  # the stem's map: its cells are the pixels the kernel sees
     weight = pe.proj.weight
-    base, kernel = pe.proj.kernel_size[0], patch // stem_stride(vit)
+    base, kernel = pe.proj.kernel_size[0], patch // vit_stem_stride(vit)
     if kernel != base:
         weight = _resampler(base)(weight, [kernel, kernel])
     x = F.conv2d(images, weight, pe.proj.bias, stride=kernel)  # (B, D, H/p, W/p)

@@ -17,7 +17,18 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from accelvit.setting import (
+    MAX_MERGE,
+    allowed_patch_sizes,
+    keep_ok,
+    merge_ok,
+    parse_strategies,
+    stem_stride,
+    strategy_rule,
+)
+
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "synthetic")
+ObjectiveName = Literal["dino", "mocov3", "simclr"]  # the keys of accelvit.objectives.OBJECTIVES (tested)
 SHAPES = ("constant", "linear", "cosine", "step", "random")
 
 
@@ -88,7 +99,7 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _doc("simclr", "pretraining objective: simclr, mocov3 or dino")
+    name: ObjectiveName = _doc("simclr", "pretraining objective: simclr, mocov3 or dino")
     temperature: float = _doc(
         0.2, "softmax temperature: of the contrastive loss (simclr, mocov3), of the student (dino, 0.1)"
     )
@@ -390,7 +401,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{key} = {value!r}: expected one of {typing.get_args(tp)}")
+            raise ConfigError(f"{key} = {value!r}: expected one of {list(typing.get_args(tp))}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -499,9 +510,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             "the dataset folder holds no files",
         )
 
-    from accelvit.objectives import OBJECTIVES  # deferred: objectives import torch
-
-    _require(o.name in OBJECTIVES, "objective.name", o.name, f"expected one of {sorted(OBJECTIVES)}")
     _require(o.temperature > 0, "objective.temperature", o.temperature, "must be positive")
     _require(o.hidden_dim > 0, "objective.hidden_dim", o.hidden_dim, "must be positive")
     _require(o.out_dim > 0, "objective.out_dim", o.out_dim, "must be positive")
@@ -629,7 +637,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 def _validate_strategies(text: str | None, key: str, allowed: list[int]) -> None:
     if text is None:
         return
-    from accelvit.schedule import parse_strategies  # deferred: schedule imports this module
 
     for item in text.split(","):
         try:
@@ -638,19 +645,6 @@ def _validate_strategies(text: str | None, key: str, allowed: list[int]) -> None
         except ValueError:
             ok = False
         _require(ok, key, item, f"expected keep:patch[:merge], {strategy_rule(allowed)}")
-
-
-def keep_ok(value: float | None) -> bool:
-    return value is not None and 0 < value <= 1
-
-
-def merge_ok(value: float | None) -> bool:
-    return value is not None and 0 <= value <= MAX_MERGE
-
-
-def strategy_rule(allowed_patches: list[int]) -> str:
-    """What `keep_ok`, `merge_ok` and the allowed patch sizes ask of a strategy, for error messages."""
-    return f"keep in (0, 1], patch one of {allowed_patches}, merge in [0, {MAX_MERGE:g}]"
 
 
 def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
@@ -694,20 +688,6 @@ def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
     _require(ok(ramp.start), f"{key}.start", ramp.start, why)
     if ramp.end is not None:
         _require(ok(ramp.end), f"{key}.end", ramp.end, why)
-
-
-MAX_MERGE = 0.5  # token merging: bipartite matching can remove at most half of a block's tokens
-
-
-def allowed_patch_sizes(image_size: int, base: int, stride: int = 1) -> list[int]:
-    """Patch sizes a curriculum may use: divisors of the image size no smaller than the base, and
-    multiples of the convolutional stem's stride (the projection embeds whole cells of its map)."""
-    return [p for p in range(base, image_size + 1) if image_size % p == 0 and p % stride == 0]
-
-
-def stem_stride(stem: list[int] | tuple[int, ...]) -> int:
-    """Pixels per cell of a convolutional stem's output map: each of its layers halves the resolution."""
-    return 2 ** len(stem)
 
 
 def patch_sizes(model: ModelConfig) -> list[int]:

@@ -23,6 +23,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from accelvit.compress import forward_tokens
+from accelvit.evaluate import eval_transform
 
 
 def attention_entropy(probs: torch.Tensor) -> float:
@@ -67,7 +68,5 @@ def measure_blocks(vit: VisionTransformer, images: torch.Tensor) -> list[dict]:
 
 def probe_batch(images, image_size: int, count: int = 32) -> torch.Tensor:
     """The first `count` images of a dataset at full input (resized, normalised): the fixed probe."""
-    from accelvit.evaluate import eval_transform
-
     transform = eval_transform(image_size)
     return torch.stack([transform(images[i][0]) for i in range(min(count, len(images)))])

@@ -26,8 +26,6 @@ model's parameters, buffers and gradients are left as they were.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from accelvit.schedule import Setting
+from accelvit.objectives import buffer_restorer
+from accelvit.setting import Setting
 
 
 @dataclass(frozen=True)
@@ -147,8 +146,6 @@ def measure(
     """
     params, groups = parameter_groups(model)
     saved_grads = [p.grad for p in params]
-    from accelvit.objectives import buffer_restorer  # deferred: objectives import the layers above
-
     restore_buffers = buffer_restorer(model)
     full_setting = Setting(1.0, base_patch)
     full: list[torch.Tensor] = []
@@ -315,126 +312,3 @@ def summarize(raw: dict, flops: dict[Setting, float] | None = None) -> list[dict
 # Running the estimator on a recipe or a run's checkpoint
 
 SCHEMA = "accelvit.grad-error/2"  # 2: bias-corrected relative_bias and cosine, standard errors
-
-
-def default_strategies(base: int, allowed: list[int]) -> list[Setting]:
-    patches = [p for p in (base, 2 * base) if p in allowed] or [base]
-    return [Setting(k, p) for p in patches for k in (1.0, 0.5, 0.25) if (k, p) != (1.0, base)]
-
-
-def strategies_or_default(text: str | None, base: int, allowed: list[int]) -> list[Setting]:
-    """The keep:patch[:merge] strategies of `text`, or the default grid when it is empty."""
-    from accelvit.schedule import parse_strategies
-
-    return parse_strategies(text) if text else default_strategies(base, allowed)
-
-
-def estimate(
-    cfg,
-    strategies: list[Setting],
-    num_batches: int,
-    checkpoint=None,
-    step: int = 0,
-) -> dict:
-    """Run the estimator for `cfg` (weights from `checkpoint`, else a fresh init); returns a report."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from safetensors.torch import load_file
-
-    from accelvit.backbone import build_backbone
-    from accelvit.budget import progress_of
-    from accelvit.checkpoint import STATE
-    from accelvit.distributed import use_cpu
-    from accelvit.objectives import OBJECTIVES
-
-    accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
-    set_seed(cfg.train.seed)
-    model = OBJECTIVES[cfg.objective.name].build(
-        cfg.objective, build_backbone(cfg.model), cfg.schedule.dropout_views
-    )
-    progress = 0.0
-    if checkpoint is not None:
-        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-        state = json.loads((checkpoint / STATE).read_text())
-        progress = progress_of(cfg.train, state["step"], state.get("budget_spent", 0.0))
-    model = model.to(accelerator.device)
-    return estimate_model(model, cfg, accelerator, strategies, num_batches, step, progress)
-
-
-def estimate_model(
-    model: nn.Module,
-    cfg,
-    accelerator,
-    strategies: list[Setting],
-    num_batches: int,
-    step: int,
-    progress: float,
-    images=None,
-) -> dict:
-    """The grad-error report of `model` (the objective module, unwrapped) at `step` of `cfg`'s run.
-
-    Batch k is batch `step + k` of the run's data stream (the same views whatever the number of
-    processes); process r measures the batches with k % processes == r, token subsets seeded per
-    batch, and the sums are added over processes. The global RNG state is left as it was.
-    `images`: the run's training split, if already loaded (else it is loaded here).
-    """
-    from accelvit.augment import batch_views, view_pipeline
-    from accelvit.backbone import vit_shape
-    from accelvit.budget import relative_cost
-    from accelvit.config import patch_sizes, strategy_rule
-    from accelvit.data import StepBatchSampler, build_loader, load_dataset
-    from accelvit.diagnostics import measure_blocks, probe_batch
-
-    started = time.perf_counter()
-    allowed = patch_sizes(cfg.model)
-    for s in strategies:
-        if not s.fits(allowed):
-            raise ValueError(f"strategy {s.label}: {strategy_rule(allowed)}")
-    shape = vit_shape(model.backbone, cfg.model.image_size)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    images = images if images is not None else load_dataset(cfg.data)  # the run passes its own
-    stream = StepBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, step, step + num_batches)
-    mine = [(k, keys) for k, keys in enumerate(stream) if k % world == rank]
-    transform, specs = view_pipeline(cfg)
-    loader = build_loader(
-        images,
-        transform,
-        cfg.data.workers,
-        [keys for _, keys in mine],
-        accelerator.device.type == "cuda",
-    )
-
-    def batches() -> Iterator[list[torch.Tensor]]:
-        for (k, _), (views, _, _) in zip(mine, loader, strict=True):
-            torch.manual_seed(cfg.train.seed * 1_000_003 + step + k)  # token subsets of batch k
-            # batch k's views as the run's first process draws them (data.augment: device)
-            yield batch_views(views, specs, cfg.train.seed, step + k, 0, accelerator.device)
-
-    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-        raw = measure(
-            model,
-            batches(),
-            strategies,
-            cfg.model.patch_size,
-            progress,
-            gather=accelerator.gather,
-            autocast=accelerator.autocast,
-        )
-    flops = {s: relative_cost(shape, s, cfg.model.patch_size) for s in strategies}
-    probe = probe_batch(images, cfg.model.image_size).to(accelerator.device)
-    return {
-        "schema": SCHEMA,
-        "model": dataclasses.asdict(cfg.model),
-        "objective": cfg.objective.name,
-        "dataset": cfg.data.dataset,
-        "step": step,
-        "progress": progress,
-        "batches": len(raw["full"]),
-        "batch_size": cfg.train.batch_size,
-        "processes": world,
-        "device": accelerator.device.type,
-        "groups": [g.name for g in raw["groups"]],
-        "strategies": summarize(raw, flops),
-        "wall_s": time.perf_counter() - started,
-        "diagnostics": measure_blocks(model.backbone, probe),  # attention of the measured state
-    }

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from accelvit.config import ConfigError
-from accelvit.schedule import Setting, setting_of
+from accelvit.setting import Setting, setting_of
 
 NOISE_Z = 1.0  # candidates within this many combined standard errors of the lowest CA-MSE are tied
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from accelvit.budget import ScheduleRow, mean_cost
-from accelvit.schedule import setting_of
+from accelvit.config import ConfigError
+from accelvit.setting import setting_of
 
 
 def format_schedule(
@@ -166,8 +167,6 @@ def write_grad_report(report: dict, path: Path) -> list[Path]:
 
 def load_grad_report(path: Path, schema: str) -> dict:
     import json
-
-    from accelvit.config import ConfigError
 
     try:
         report = json.loads(path.read_text())

@@ -10,40 +10,9 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
-from accelvit.config import (
-    MAX_MERGE,
-    OptimConfig,
-    RampConfig,
-    ScheduleConfig,
-    allowed_patch_sizes,
-    keep_ok,
-    merge_ok,
-)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A compression setting: keep ratio of patch tokens, patch size in pixels, and the fraction of
-    patch tokens each block merges away (ToMe; 0: no merging)."""
-
-    keep: float
-    patch: int
-    merge: float = 0.0
-
-    @property
-    def label(self) -> str:
-        """keep:patch, or keep:patch:merge when it merges (the strategy syntax)."""
-        return f"{self.keep:g}:{self.patch}" + (f":{self.merge:g}" if self.merge else "")
-
-    def fits(self, allowed_patches: list[int]) -> bool:
-        """keep in (0, 1], patch one of `allowed_patches`, merge in [0, MAX_MERGE]."""
-        return keep_ok(self.keep) and self.patch in allowed_patches and merge_ok(self.merge)
-
-    def full_tokens(self) -> Setting:
-        """The same patch size with every token kept and none merged (momentum encoders)."""
-        return Setting(1.0, self.patch)
+from accelvit.config import OptimConfig, RampConfig, ScheduleConfig
+from accelvit.setting import MAX_MERGE, Setting, allowed_patch_sizes, setting_of, snap_patch
 
 
 def ramp_value(
@@ -81,39 +50,6 @@ def ramp_value(
     if ramp.shape == "cosine":
         return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"unknown ramp shape {ramp.shape!r}")
-
-
-def snap_patch(value: float, allowed: list[int]) -> int:
-    """The allowed patch size nearest to `value` (ties go to the smaller, less compressed one)."""
-    return min(allowed, key=lambda p: (abs(p - value), p))
-
-
-def patch_for_size(patch: int, size: int, base_patch: int, stride: int = 1) -> int:
-    """Patch size for a view of side `size` (e.g. a DINO local crop) when global views use `patch`.
-
-    The same pixel patch size, snapped to the allowed sizes of that view (divisors of `size` no
-    smaller than the base, multiples of the stem's `stride`), so the patch-scaling factor is the
-    same for every view.
-    """
-    return snap_patch(patch, allowed_patch_sizes(size, base_patch, stride))
-
-
-def parse_strategies(text: str) -> list[Setting]:
-    """'1.0:16,0.5:16,0.25:32,1:16:0.2' -> settings (keep:patch or keep:patch:merge)."""
-    out = []
-    for item in text.split(","):
-        fields = item.strip().split(":")
-        try:
-            if len(fields) not in (2, 3):
-                raise ValueError
-            out.append(
-                Setting(float(fields[0]), int(fields[1]), float(fields[2]) if len(fields) == 3 else 0.0)
-            )
-        except ValueError:
-            raise ValueError(
-                f"--strategies: {item!r} is not keep:patch[:merge] (e.g. 0.5:16 or 1:16:0.2)"
-            ) from None
-    return out
 
 
 def step_draw(seed: int, step: int, knob: str) -> float:
@@ -193,11 +129,6 @@ def current_setting(
     if cfg.mode == "adaptive" and decisions:
         return setting_of(decisions[-1])
     return setting_at(cfg, progress, image_size, base_patch, stride, step, seed)
-
-
-def setting_of(decision: dict) -> Setting:
-    """The setting a record names: an adaptive decision, a report row (keep, patch, merge if any)."""
-    return Setting(decision["keep"], decision["patch"], decision.get("merge", 0.0))
 
 
 def due_points(points: list[float], progress: float, done: list[float]) -> list[float]:

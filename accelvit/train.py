@@ -17,24 +17,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from accelvit.augment import batch_views, view_pipeline
+from accelvit.augment import batch_views
 from accelvit.backbone import build_backbone, vit_shape
-from accelvit.budget import (
-    flops_cost_fn,
-    measure_costs,
-    measured_settings,
-    progress_of,
-    read_costs,
-    table_cost_fn,
-    tokens_per_view,
-    write_costs,
-)
+from accelvit.budget import flops_cost_fn, progress_of, table_cost_fn, tokens_per_view
+from accelvit.build import estimate_at
 from accelvit.checkpoint import (
     CHECKPOINTS,
-    COSTS,
     DECISIONS,
     DIAGNOSTICS,
     GRAD_ERROR,
@@ -48,17 +39,18 @@ from accelvit.checkpoint import (
     truncate_metrics,
     write_atomic,
 )
-from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig, patch_sizes, stem_stride
+from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig, patch_sizes
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
 from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import any_process, use_cpu
 from accelvit.evaluate import evaluate_backbone
-from accelvit.gradbias import estimate_model, strategies_or_default
 from accelvit.monitor import collapse_warning
-from accelvit.objectives import OBJECTIVES, buffer_restorer, encoder_name
+from accelvit.objectives import OBJECTIVES, buffer_restorer, encoder_name, view_pipeline
 from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
-from accelvit.schedule import Setting, current_setting, due_points, lr_at, setting_of, weight_decay_at
+from accelvit.schedule import current_setting, due_points, lr_at, weight_decay_at
+from accelvit.setting import Setting, setting_of, stem_stride, strategies_or_default
+from accelvit.timing import measured_settings, shared_cost_table
 
 
 @dataclass
@@ -189,7 +181,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     ]
     if cfg.cost.model == "measured":
         measure = measured_settings(cfg, candidates if cfg.schedule.mode == "adaptive" else ())
-        table = _measured_costs(accelerator, model, images, (transform, specs), measure, cfg, run_dir)
+        table = shared_cost_table(accelerator, model, images, (transform, specs), measure, cfg, run_dir)
         cost = table_cost_fn(table)
     else:
         cost = flops_cost_fn(
@@ -221,7 +213,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
             # Gradient error of compressed inputs on the current model (train.grad_error_at)
             for point in due_points(train.grad_error_at, progress, state.grad_error_done):
-                report = estimate_model(
+                report = estimate_at(
                     accelerator.unwrap_model(model), cfg, accelerator, grad_error_strategies,
                     train.grad_error_batches, state.step, progress, images,
                 )  # fmt: skip
@@ -453,31 +445,13 @@ def _advance(bar: tqdm, train: TrainConfig, state: TrainState) -> None:
         bar.update(round(100 * progress_of(train, state.step, state.budget_spent), 2) - bar.n)
 
 
-def _measured_costs(accelerator, model, images, pipeline, settings, cfg: Config, run_dir: Path) -> list[dict]:
-    """Step costs timed once per run on the main process and shared, so every process counts alike."""
-    path = run_dir / COSTS
-    if path.is_file():  # a resumed run keeps the costs it started with
-        return read_costs(path)
-    table = [None]
-    if accelerator.is_main_process:
-        keys = [(i % len(images), i) for i in range(cfg.train.batch_size)]
-        transform, specs = pipeline
-        loaded, _, _ = next(iter(build_loader(images, transform, 0, [keys])))
-        views = batch_views(loaded, specs, cfg.train.seed, 0, 0, accelerator.device)
-        with accelerator.autocast():
-            table[0] = measure_costs(accelerator.unwrap_model(model), views, settings, cfg.cost.repeats)
-        write_costs(path, table[0], str(accelerator.device))
-    broadcast_object_list(table)
-    return table[0]
-
-
 def _decide(
     cfg, accelerator, model, images, candidates, cost, state: TrainState, stage: float, progress: float
 ) -> dict:
     """Measure CA-MSE of the candidates on the current model and record the best as the next stage."""
     base = cfg.model.patch_size
     k, batch = cfg.schedule.adaptive_batches, cfg.train.batch_size
-    report = estimate_model(
+    report = estimate_at(
         accelerator.unwrap_model(model), cfg, accelerator, candidates, k, state.step, progress, images
     )
     previous = setting_of(state.decisions[-1]) if state.decisions else None

@@ -75,7 +75,7 @@ def train_and_eval(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
 def relative_flops(cfg) -> Callable[..., float]:
     """`cost(keep=1, merge=0)`: forward FLOPs at the base patch relative to the full input."""
     from accelvit.budget import relative_cost
-    from accelvit.schedule import Setting
+    from accelvit.setting import Setting
 
     shape, base = model_shape(cfg), cfg.model.patch_size
     return lambda keep=1.0, merge=0.0: relative_cost(shape, Setting(keep, base, merge), base)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def format_table(rows: list[dict], report: dict) -> str:
-    from accelvit.schedule import setting_of
+    from accelvit.setting import setting_of
 
     lines = ["| run | steps | wall s | kNN top-1 |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['steps']} | {r['wall_s']:.0f} | {r['knn_top1']:.4f} |" for r in rows]

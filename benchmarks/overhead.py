@@ -59,7 +59,7 @@ def build_steps(args: argparse.Namespace) -> dict:
 
     from accelvit.backbone import build_backbone
     from accelvit.objectives import OBJECTIVES
-    from accelvit.schedule import Setting
+    from accelvit.setting import Setting
     from accelvit.train import build_optimizer, train_step
 
     dev = device()

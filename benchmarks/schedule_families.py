@@ -51,7 +51,7 @@ def step_cost_fn(recipe: Path, overrides: list[str]):
     from accelvit.budget import flops_cost_fn
     from accelvit.config import load_config
     from accelvit.objectives import OBJECTIVES
-    from accelvit.schedule import Setting
+    from accelvit.setting import Setting
 
     cfg = load_config(recipe, overrides, check_paths=False)
     branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
@@ -76,7 +76,7 @@ def curriculum_mean_cost(recipe: Path, overrides: list[str]) -> float:
 
 def constant_keep(cost, base: int, target: float) -> float:
     """The keep ratio at the base patch whose step costs `target` of the full step (bisection)."""
-    from accelvit.schedule import Setting
+    from accelvit.setting import Setting
 
     lo, hi = 0.01, 1.0
     for _ in range(40):
@@ -87,7 +87,7 @@ def constant_keep(cost, base: int, target: float) -> float:
 
 def random_weights(cost, base: int, target: float) -> list[float]:
     """Weights of patch (base, 2 x base) whose expected step cost is `target`: p c_2x + (1 - p) = target."""
-    from accelvit.schedule import Setting
+    from accelvit.setting import Setting
 
     big = cost(Setting(1.0, 2 * base))
     p = (1 - target) / (1 - big)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     from accelvit.budget import flops_cost_fn, tokens_per_view
     from accelvit.config import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig
     from accelvit.objectives import OBJECTIVES
-    from accelvit.schedule import Setting, parse_strategies
+    from accelvit.setting import Setting, parse_strategies
     from accelvit.train import build_optimizer
 
     args = parse_args(argv)

@@ -75,7 +75,7 @@ def full_step_units(recipe: Path, overrides: list[str]) -> float:
     from accelvit.budget import flops_cost_fn
     from accelvit.config import load_config
     from accelvit.objectives import OBJECTIVES
-    from accelvit.schedule import Setting
+    from accelvit.setting import Setting
 
     cfg = load_config(recipe, [*overrides, "train.steps=null", "train.budget=1"], check_paths=False)
     shape = model_shape(cfg)

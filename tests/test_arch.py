@@ -12,17 +12,11 @@ from accelvit.arch import precondition_tokens, run_blocks
 from accelvit.backbone import build_backbone, vit_shape
 from accelvit.budget import VitShape, forward_flops
 from accelvit.cli import main
-from accelvit.compress import base_patch_size, forward_tokens, stem_stride
-from accelvit.config import (
-    ConfigError,
-    ModelConfig,
-    RampConfig,
-    ScheduleConfig,
-    allowed_patch_sizes,
-    patch_sizes,
-)
+from accelvit.compress import base_patch_size, forward_tokens, vit_stem_stride
+from accelvit.config import ConfigError, ModelConfig, RampConfig, ScheduleConfig, patch_sizes
 from accelvit.diagnostics import condition_numbers, measure_blocks
-from accelvit.schedule import Setting, patch_for_size, setting_at
+from accelvit.schedule import setting_at
+from accelvit.setting import Setting, allowed_patch_sizes, patch_for_size
 
 TINY = ModelConfig(
     arch="vit_tiny_patch16_224", image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2
@@ -126,7 +120,7 @@ def stem_vit(**changes):
 def test_stem_base_setting_is_timms_hybrid_forward_exactly():
     vit = stem_vit()
     images = torch.randn(3, 3, 16, 16)
-    assert (base_patch_size(vit), stem_stride(vit)) == (4, 4)
+    assert (base_patch_size(vit), vit_stem_stride(vit)) == (4, 4)
     assert vit.patch_embed.proj.weight.shape == (32, 16, 1, 1)  # one cell of the stem's 4x4 map
     with torch.no_grad():
         assert torch.equal(forward_tokens(vit, images), vit.forward_features(images))

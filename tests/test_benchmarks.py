@@ -171,7 +171,7 @@ def test_schedule_families_smoke(tmp_path):
 
 
 def test_constant_and_random_settings_match_a_mean_cost():
-    from accelvit.schedule import Setting
+    from accelvit.setting import Setting
     from benchmarks import schedule_families
 
     def cost(s: Setting) -> float:  # a made-up cost: linear in keep, patch 8 at a quarter

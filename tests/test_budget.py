@@ -7,7 +7,6 @@ from accelvit.budget import (
     VitShape,
     flops_cost_fn,
     forward_flops,
-    kept_patches,
     mean_cost,
     progress_of,
     relative_cost,
@@ -19,7 +18,7 @@ from accelvit.budget import (
 )
 from accelvit.config import Config, ModelConfig, RampConfig, ScheduleConfig, TrainConfig
 from accelvit.objectives import OBJECTIVES
-from accelvit.schedule import Setting
+from accelvit.setting import Setting, kept_patches
 
 SHAPE = VitShape(image_size=32, embed_dim=192, depth=12)
 

@@ -6,7 +6,7 @@ import torch
 
 from accelvit.budget import VitShape, tokens_per_view
 from accelvit.compress import drop_tokens, forward_features, forward_tokens
-from accelvit.schedule import Setting
+from accelvit.setting import Setting
 
 
 def tiny_vit(**kwargs) -> torch.nn.Module:

@@ -9,7 +9,7 @@ from accelvit.compress import drop_tokens, embed_tokens
 from accelvit.config import ModelConfig, ObjectiveConfig
 from accelvit.gradbias import measure, parameter_groups, summarize
 from accelvit.objectives import OBJECTIVES
-from accelvit.schedule import Setting
+from accelvit.setting import Setting
 
 MODEL = ModelConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 

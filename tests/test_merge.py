@@ -11,12 +11,14 @@ import torch
 
 from accelvit.arch import attention
 from accelvit.backbone import build_backbone, vit_shape
-from accelvit.budget import VitShape, forward_flops, measured_settings, table_cost_fn
+from accelvit.budget import VitShape, forward_flops, table_cost_fn
 from accelvit.compress import forward_features, forward_tokens
 from accelvit.config import ModelConfig, load_config
 from accelvit.merge import bipartite_soft_matching, merge_weighted, merged_per_block, patch_tokens_per_block
 from accelvit.plan import choose, schedule_from_plan
-from accelvit.schedule import Setting, parse_strategies, setting_at
+from accelvit.schedule import setting_at
+from accelvit.setting import Setting, parse_strategies
+from accelvit.timing import measured_settings
 
 TINY = ModelConfig(
     arch="vit_tiny_patch16_224", image_size=16, patch_size=2, embed_dim=32, depth=3, num_heads=2

@@ -12,7 +12,7 @@ from accelvit.config import ModelConfig, ObjectiveConfig, load_config
 from accelvit.objectives import OBJECTIVES
 from accelvit.objectives.dino import local_crop_size
 from accelvit.objectives.momentum import momentum_at
-from accelvit.schedule import Setting, patch_for_size
+from accelvit.setting import Setting, patch_for_size
 from accelvit.train import pretrain
 
 MODEL = ModelConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)

@@ -8,7 +8,8 @@ from accelvit.cli import main
 from accelvit.config import ConfigError, load_config
 from accelvit.gradbias import SCHEMA
 from accelvit.plan import ca_mse_errors, ca_mse_table, choose, plan, plan_warnings, schedule_from_plan
-from accelvit.schedule import Setting, setting_at
+from accelvit.schedule import setting_at
+from accelvit.setting import Setting
 
 
 def report_at(progress: float, full_variance: float, rows: list[tuple]) -> dict:

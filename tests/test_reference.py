@@ -19,7 +19,8 @@ from accelvit.compress import forward_features
 from accelvit.config import ModelConfig, ObjectiveConfig, OptimConfig, load_config
 from accelvit.monitor import collapse_warning, feature_monitors, teacher_monitors
 from accelvit.objectives import OBJECTIVES
-from accelvit.schedule import Setting, weight_decay_at
+from accelvit.schedule import weight_decay_at
+from accelvit.setting import Setting
 from accelvit.train import build_optimizer, pretrain
 
 MODEL = ModelConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from accelvit.config import OptimConfig, RampConfig, ScheduleConfig, allowed_patch_sizes
-from accelvit.schedule import Setting, lr_at, ramp_value, setting_at, snap_patch
+from accelvit.config import OptimConfig, RampConfig, ScheduleConfig
+from accelvit.schedule import lr_at, ramp_value, setting_at
+from accelvit.setting import Setting, allowed_patch_sizes, snap_patch
 
 
 @pytest.mark.parametrize(

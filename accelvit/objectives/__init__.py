@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from accelvit.augment import ViewSpec
+from accelvit.augment import BaseImage, ViewSpec
 from accelvit.budget import Branch
+from accelvit.config import Config, ObjectiveName
 from accelvit.objectives import dino, mocov3, simclr
 
 
@@ -47,7 +48,7 @@ def buffer_restorer(model: nn.Module) -> Callable[[], None]:
     return restore
 
 
-OBJECTIVES: dict[str, Objective] = {
+OBJECTIVES: dict[ObjectiveName, Objective] = {
     "simclr": Objective(
         build=simclr.SimCLR,
         transform=simclr.build_transform,
@@ -80,3 +81,11 @@ def encoder_name(objective: str, encoder: str | None) -> str:
     if entry.teacher is None:
         raise ValueError(f"objective {objective} has no teacher (momentum) encoder")
     return entry.teacher
+
+
+def view_pipeline(cfg: Config) -> tuple:
+    """(per-image loader transform, per-batch view specs or None) for `data.augment` of `cfg`."""
+    objective = OBJECTIVES[cfg.objective.name]
+    if cfg.data.augment == "device":
+        return BaseImage(cfg.model.image_size), objective.view_specs(cfg.objective, cfg.model, cfg.data)
+    return objective.transform(cfg.objective, cfg.model, cfg.data), None

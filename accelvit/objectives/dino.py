@@ -28,11 +28,11 @@ from torch import nn
 
 from accelvit.augment import ViewSpec
 from accelvit.budget import Branch
-from accelvit.compress import base_patch_size, forward_features, stem_stride
+from accelvit.compress import base_patch_size, forward_features, vit_stem_stride
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.monitor import feature_monitors, teacher_monitors
 from accelvit.objectives.momentum import momentum_at
-from accelvit.schedule import Setting, patch_for_size
+from accelvit.setting import Setting, patch_for_size
 
 
 class DINO(nn.Module):
@@ -93,7 +93,7 @@ class DINO(nn.Module):
         if local_views:
             size = local_views[0].shape[-1]
             local_patch = patch_for_size(
-                setting.patch, size, base_patch_size(self.backbone), stem_stride(self.backbone)
+                setting.patch, size, base_patch_size(self.backbone), vit_stem_stride(self.backbone)
             )
             local = self.head(
                 forward_features(self.backbone, torch.cat(local_views), replace(setting, patch=local_patch))

@@ -30,7 +30,7 @@ from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.monitor import feature_monitors
 from accelvit.objectives.momentum import momentum_at
-from accelvit.schedule import Setting
+from accelvit.setting import Setting
 
 
 def contrastive_loss(

@@ -19,7 +19,7 @@ from accelvit.budget import Branch
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.monitor import feature_monitors
-from accelvit.schedule import Setting
+from accelvit.setting import Setting
 
 
 class SimCLR(nn.Module):

@@ -1,0 +1,124 @@
+"""The composition root of the estimator's runs: a model state, the run's data stream and views, and
+`accelvit.gradbias`'s math put together into a grad-error report.
+
+It reads the whole recipe; the modules below it receive their own sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch import nn
+
+from accelvit.augment import batch_views
+from accelvit.backbone import build_backbone, vit_shape
+from accelvit.budget import progress_of, relative_cost
+from accelvit.checkpoint import STATE
+from accelvit.config import Config, patch_sizes
+from accelvit.data import StepBatchSampler, build_loader, load_dataset
+from accelvit.diagnostics import measure_blocks, probe_batch
+from accelvit.distributed import use_cpu
+from accelvit.gradbias import SCHEMA, measure, summarize
+from accelvit.objectives import OBJECTIVES, view_pipeline
+from accelvit.setting import Setting, strategy_rule
+
+
+def estimate(
+    cfg: Config,
+    strategies: list[Setting],
+    num_batches: int,
+    checkpoint=None,
+    step: int = 0,
+) -> dict:
+    """Run the estimator for `cfg` (weights from `checkpoint`, else a fresh init); returns a report."""
+    accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
+    set_seed(cfg.train.seed)
+    model = OBJECTIVES[cfg.objective.name].build(
+        cfg.objective, build_backbone(cfg.model), cfg.schedule.dropout_views
+    )
+    progress = 0.0
+    if checkpoint is not None:
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        state = json.loads((checkpoint / STATE).read_text())
+        progress = progress_of(cfg.train, state["step"], state.get("budget_spent", 0.0))
+    model = model.to(accelerator.device)
+    return estimate_at(model, cfg, accelerator, strategies, num_batches, step, progress)
+
+
+def estimate_at(
+    model: nn.Module,
+    cfg: Config,
+    accelerator,
+    strategies: list[Setting],
+    num_batches: int,
+    step: int,
+    progress: float,
+    images=None,
+) -> dict:
+    """The grad-error report of `model` (the objective module, unwrapped) at `step` of `cfg`'s run.
+
+    Batch k is batch `step + k` of the run's data stream (the same views whatever the number of
+    processes); process r measures the batches with k % processes == r, token subsets seeded per
+    batch, and the sums are added over processes. The global RNG state is left as it was.
+    `images`: the run's training split, if already loaded (else it is loaded here).
+    """
+    started = time.perf_counter()
+    allowed = patch_sizes(cfg.model)
+    for s in strategies:
+        if not s.fits(allowed):
+            raise ValueError(f"strategy {s.label}: {strategy_rule(allowed)}")
+    shape = vit_shape(model.backbone, cfg.model.image_size)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    images = images if images is not None else load_dataset(cfg.data)  # the run passes its own
+    stream = StepBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, step, step + num_batches)
+    mine = [(k, keys) for k, keys in enumerate(stream) if k % world == rank]
+    transform, specs = view_pipeline(cfg)
+    loader = build_loader(
+        images,
+        transform,
+        cfg.data.workers,
+        [keys for _, keys in mine],
+        accelerator.device.type == "cuda",
+    )
+
+    def batches() -> Iterator[list[torch.Tensor]]:
+        for (k, _), (views, _, _) in zip(mine, loader, strict=True):
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step + k)  # token subsets of batch k
+            # batch k's views as the run's first process draws them (data.augment: device)
+            yield batch_views(views, specs, cfg.train.seed, step + k, 0, accelerator.device)
+
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        raw = measure(
+            model,
+            batches(),
+            strategies,
+            cfg.model.patch_size,
+            progress,
+            gather=accelerator.gather,
+            autocast=accelerator.autocast,
+        )
+    flops = {s: relative_cost(shape, s, cfg.model.patch_size) for s in strategies}
+    probe = probe_batch(images, cfg.model.image_size).to(accelerator.device)
+    return {
+        "schema": SCHEMA,
+        "model": dataclasses.asdict(cfg.model),
+        "objective": cfg.objective.name,
+        "dataset": cfg.data.dataset,
+        "step": step,
+        "progress": progress,
+        "batches": len(raw["full"]),
+        "batch_size": cfg.train.batch_size,
+        "processes": world,
+        "device": accelerator.device.type,
+        "groups": [g.name for g in raw["groups"]],
+        "strategies": summarize(raw, flops),
+        "wall_s": time.perf_counter() - started,
+        "diagnostics": measure_blocks(model.backbone, probe),  # attention of the measured state
+    }
