@@ -27,9 +27,10 @@ from accelvit.setting import (
     strategy_rule,
 )
 
-DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "synthetic")
+Dataset = Literal["fashion-mnist", "cifar10", "imagefolder", "synthetic"]
+Shape = Literal["constant", "linear", "cosine", "step", "random"]
+DATASETS, SHAPES = typing.get_args(Dataset), typing.get_args(Shape)
 ObjectiveName = Literal["dino", "mocov3", "simclr"]  # the keys of accelvit.objectives.OBJECTIVES (tested)
-SHAPES = ("constant", "linear", "cosine", "step", "random")
 
 
 class ConfigError(ValueError):
@@ -59,9 +60,11 @@ class ModelConfig:
         None, "value residual: fixed [l1, l2] of V' = l1 V_n + l2 V_1 (null: learnable, from 0.5, 0.5)"
     )
     attn_skip: bool = _doc(True, "false removes the skip connection around self-attention (ablation)")
-    token_precondition: str = _doc("none", "none, or svd: spectral preconditioning of the patch tokens")
+    token_precondition: Literal["none", "svd"] = _doc(
+        "none", "none, or svd: spectral preconditioning of the patch tokens"
+    )
     precondition_alpha: float = _doc(1.0, "svd preconditioning: singular values s -> s^a s_max^(1-a)")
-    pos_embed: str = _doc(
+    pos_embed: Literal["learn", "sincos"] = _doc(
         "learn",
         "learn: timm's learned position embedding; sincos: fixed 2-D sin-cos (MoCo-v3's ViT), not trained",
     )
@@ -77,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _doc("fashion-mnist", "one of: " + ", ".join(DATASETS))
+    dataset: Dataset = _doc("fashion-mnist", "one of: " + ", ".join(DATASETS))
     root: str = _doc(
         "/usr/share/datasets/fashion-mnist",
         "dataset folder (fashion-mnist: idx files; cifar10: torchvision root; "
@@ -87,12 +90,12 @@ class DataConfig:
     workers: int = _doc(2, "data-loader worker processes (0: load in the training process)")
     limit: int | None = _doc(None, "use only the first N training images (null: all)")
     crop_min_scale: float = _doc(0.08, "smallest area fraction of the random resized crop")
-    augment: str = _doc(
+    augment: Literal["cpu", "device"] = _doc(
         "cpu",
         "cpu: lightly's per-image transforms in the loader workers; device: the loader only decodes and "
         "resizes to model.image_size, views are drawn in batches on the training device (accelvit.augment)",
     )
-    on_bad_file: str = _doc(
+    on_bad_file: Literal["skip", "error"] = _doc(
         "skip", "an unreadable image file: skip it (the next image stands in, counted) or error"
     )
 
@@ -131,7 +134,7 @@ class EvalConfig:
     batch_size: int = _doc(256, "images per forward pass when extracting features")
     linear: bool = _doc(False, "also train a linear probe on frozen features")
     linear_epochs: int = _doc(10, "epochs of the linear probe")
-    encoder: str | None = _doc(
+    encoder: Literal["student", "teacher"] | None = _doc(
         None,
         "encoder to evaluate and export: student, or teacher (the momentum encoder of mocov3 and dino); "
         "null: the objective's reference choice (dino: teacher, others: student)",
@@ -142,7 +145,7 @@ class EvalConfig:
 class RampConfig:
     """How one compression knob moves over training progress (0 -> 1)."""
 
-    shape: str = _doc("constant", "one of: " + ", ".join(SHAPES))
+    shape: Shape = _doc("constant", "one of: " + ", ".join(SHAPES))
     start: float | None = _doc(None, "value at progress 0 (constant: the value)")
     end: float | None = _doc(None, "value at progress 1 (null: same as start)")
     points: list[list[float]] | None = _doc(
@@ -166,10 +169,12 @@ class ScheduleConfig:
         RampConfig(start=0.0),
         "token merging (ToMe): fraction of patch tokens each block merges away, in [0, 0.5]; 0: off",
     )
-    dropout_views: str = _doc(
+    dropout_views: Literal["query", "all"] = _doc(
         "query", "which views drop (and merge) tokens: query (gradient-carrying views only) or all"
     )
-    mode: str = _doc("fixed", "fixed: keep/patch ramps; adaptive: measure CA-MSE at `stages` and switch")
+    mode: Literal["fixed", "adaptive"] = _doc(
+        "fixed", "fixed: keep/patch ramps; adaptive: measure CA-MSE at `stages` and switch"
+    )
     stages: list[float] = _doc(
         [0.0, 0.25, 0.5, 0.75], "adaptive: progress points where the run picks the next stage's strategy"
     )
@@ -195,7 +200,9 @@ class OptimConfig:
         None, "weight decay at the end of training, cosine from weight_decay (DINO: 0.04 -> 0.4; null: none)"
     )
     warmup: float = _doc(0.1, "fraction of training spent in linear learning-rate warm-up")
-    decay: str = _doc("cosine", "learning-rate decay after warm-up: cosine, or poly (power `poly_power`)")
+    decay: Literal["cosine", "poly"] = _doc(
+        "cosine", "learning-rate decay after warm-up: cosine, or poly (power `poly_power`)"
+    )
     poly_power: float = _doc(2.0, "power of the poly decay (2 is recommended for budgeted runs)")
     clip_grad: float | None = _doc(None, "clip the global gradient norm to this value")
 
@@ -222,17 +229,21 @@ class TrainConfig:
     )
     checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
-    precision: str = _doc("no", "mixed precision: no, fp16 or bf16")
-    on_nonfinite: str = _doc(
+    precision: Literal["no", "fp16", "bf16"] = _doc("no", "mixed precision: no, fp16 or bf16")
+    on_nonfinite: Literal["stop", "skip"] = _doc(
         "stop", "non-finite loss or gradients: stop (checkpoint the last good state) or skip the step"
     )
     max_skipped: int = _doc(10, "on_nonfinite skip: stop after this many skipped steps in a row")
-    on_save_error: str = _doc("stop", "a checkpoint cannot be written (disk full, I/O error): stop or warn")
+    on_save_error: Literal["stop", "warn"] = _doc(
+        "stop", "a checkpoint cannot be written (disk full, I/O error): stop or warn"
+    )
 
 
 @dataclass
 class CostConfig:
-    model: str = _doc("flops", "cost of a step: flops (analytic, deterministic) or measured (timed at start)")
+    model: Literal["flops", "measured"] = _doc(
+        "flops", "cost of a step: flops (analytic, deterministic) or measured (timed at start)"
+    )
     repeats: int = _doc(3, "measured: timed repetitions per setting (the median is kept)")
 
 
@@ -437,8 +448,21 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
-    """Check ranges and cross-key constraints; raise the first problem found as a ConfigError."""
-    m, d, o, s, op, t = cfg.model, cfg.data, cfg.objective, cfg.schedule, cfg.optim, cfg.train
+    """Check ranges and cross-key constraints; raise the first problem found as a ConfigError.
+
+    One check per section; enumerations are `Literal` types, which the loader already enforces.
+    """
+    _check_model(cfg.model)
+    _check_data(cfg.data, check_paths)
+    _check_objective(cfg.objective, cfg.model)
+    _check_schedule(cfg.schedule, cfg.model)
+    _check_optim(cfg.optim)
+    _check_train(cfg.train, cfg.model)
+    _check_cost(cfg.cost)
+    _check_eval(cfg.eval, cfg.objective.name)
+
+
+def _check_model(m: ModelConfig) -> None:
     _require(m.image_size > 0, "model.image_size", m.image_size, "must be positive")
     _require(m.patch_size > 0, "model.patch_size", m.patch_size, "must be positive")
     _require(
@@ -446,12 +470,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "model.patch_size",
         m.patch_size,
         f"must divide model.image_size ({m.image_size})",
-    )
-    _require(
-        m.token_precondition in ("none", "svd"),
-        "model.token_precondition",
-        m.token_precondition,
-        "none or svd",
     )
     _require(
         0 < m.precondition_alpha <= 1, "model.precondition_alpha", m.precondition_alpha, "must be in (0, 1]"
@@ -465,7 +483,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for name in ("embed_dim", "depth", "num_heads"):
         value = getattr(m, name)
         _require(value is None or value > 0, f"model.{name}", value, "must be positive or null")
-    _require(m.pos_embed in ("learn", "sincos"), "model.pos_embed", m.pos_embed, "expected learn or sincos")
     _require(
         m.pos_embed != "sincos" or m.embed_dim is None or m.embed_dim % 4 == 0,
         "model.embed_dim",
@@ -481,12 +498,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"must be a multiple of the stem's stride ({stride}, model.stem: {m.stem})",
     )
 
-    _require(d.dataset in DATASETS, "data.dataset", d.dataset, f"expected one of {DATASETS}")
+
+def _check_data(d: DataConfig, check_paths: bool) -> None:
     _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _require(d.limit is None or d.limit > 0, "data.limit", d.limit, "must be positive or null")
     _require(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
-    _require(d.augment in ("cpu", "device"), "data.augment", d.augment, "expected cpu or device")
-    _require(d.on_bad_file in ("skip", "error"), "data.on_bad_file", d.on_bad_file, "expected skip or error")
     if (
         check_paths
         and d.dataset != "synthetic"
@@ -510,6 +526,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             "the dataset folder holds no files",
         )
 
+
+def _check_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
     _require(o.temperature > 0, "objective.temperature", o.temperature, "must be positive")
     _require(o.hidden_dim > 0, "objective.hidden_dim", o.hidden_dim, "must be positive")
     _require(o.out_dim > 0, "objective.out_dim", o.out_dim, "must be positive")
@@ -535,10 +553,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             f"must be a multiple of model.patch_size ({m.patch_size}) up to model.image_size",
         )
 
+
+def _check_schedule(s: ScheduleConfig, m: ModelConfig) -> None:
     _validate_ramp(s.keep, "schedule.keep", keep_ok, "keep ratio must be in (0, 1]")
     allowed = patch_sizes(m)
     rule = "divisors of model.image_size >= model.patch_size" + (
-        f", multiples of the stem's stride {stride}" if m.stem else ""
+        f", multiples of the stem's stride {stem_stride(m.stem)}" if m.stem else ""
     )
     _validate_ramp(
         s.patch,
@@ -547,13 +567,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"patch size must be one of {allowed} ({rule})",
     )
     _validate_ramp(s.merge, "schedule.merge", merge_ok, f"merge fraction must be in [0, {MAX_MERGE:g}]")
-    _require(
-        s.dropout_views in ("query", "all"),
-        "schedule.dropout_views",
-        s.dropout_views,
-        "expected query or all",
-    )
-    _require(s.mode in ("fixed", "adaptive"), "schedule.mode", s.mode, "expected fixed or adaptive")
     last = -1.0
     for i, point in enumerate(s.stages):
         _require(0 <= point < 1 and point > last, f"schedule.stages[{i}]", point, "must increase in [0, 1)")
@@ -564,8 +577,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _validate_strategies(s.candidates, "schedule.candidates", allowed)
     _require(s.adaptive_batches >= 2, "schedule.adaptive_batches", s.adaptive_batches, "must be >= 2")
 
+
+def _check_optim(op: OptimConfig) -> None:
     _require(op.lr > 0, "optim.lr", op.lr, "must be positive")
-    _require(op.decay in ("cosine", "poly"), "optim.decay", op.decay, "expected cosine or poly")
     _require(op.poly_power > 0, "optim.poly_power", op.poly_power, "must be positive")
     _require(0 <= op.min_lr <= op.lr, "optim.min_lr", op.min_lr, "must be in [0, optim.lr]")
     _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
@@ -578,6 +592,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(0 <= op.warmup < 1, "optim.warmup", op.warmup, "must be a fraction in [0, 1)")
     _require(op.clip_grad is None or op.clip_grad > 0, "optim.clip_grad", op.clip_grad, "must be > 0")
 
+
+def _check_train(t: TrainConfig, model: ModelConfig) -> None:
     _require(
         (t.steps is None) != (t.budget is None),
         "train.steps",
@@ -586,9 +602,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     )
     _require(t.steps is None or t.steps > 0, "train.steps", t.steps, "must be a positive number of steps")
     _require(t.budget is None or t.budget > 0, "train.budget", t.budget, "must be positive")
-    c = cfg.cost
-    _require(c.model in ("flops", "measured"), "cost.model", c.model, "expected flops or measured")
-    _require(c.repeats > 0, "cost.repeats", c.repeats, "must be positive")
     _require(t.batch_size > 1, "train.batch_size", t.batch_size, "must be at least 2")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
     _require(t.eval_every is None or t.eval_every > 0, "train.eval_every", t.eval_every, "must be > 0")
@@ -601,8 +614,17 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for i, point in enumerate(t.grad_error_at):
         _require(0 <= point < 1, f"train.grad_error_at[{i}]", point, "must be a progress in [0, 1)")
     _require(t.grad_error_batches >= 2, "train.grad_error_batches", t.grad_error_batches, "must be >= 2")
-    _validate_strategies(t.grad_error_strategies, "train.grad_error_strategies", allowed)
-    e = cfg.eval
+    _validate_strategies(t.grad_error_strategies, "train.grad_error_strategies", patch_sizes(model))
+    _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
+    _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
+    _require(t.max_skipped > 0, "train.max_skipped", t.max_skipped, "must be positive")
+
+
+def _check_cost(c: CostConfig) -> None:
+    _require(c.repeats > 0, "cost.repeats", c.repeats, "must be positive")
+
+
+def _check_eval(e: EvalConfig, objective: str) -> None:
     _require(e.k > 0, "eval.k", e.k, "must be positive")
     _require(e.temperature > 0, "eval.temperature", e.temperature, "must be positive")
     for name in ("train_limit", "test_limit"):
@@ -611,26 +633,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
     _require(e.linear_epochs > 0, "eval.linear_epochs", e.linear_epochs, "must be positive")
     _require(
-        e.encoder in (None, "student", "teacher"),
+        e.encoder != "teacher" or objective != "simclr",
         "eval.encoder",
         e.encoder,
-        "expected student, teacher or null",
-    )
-    _require(
-        e.encoder != "teacher" or o.name != "simclr",
-        "eval.encoder",
-        e.encoder,
-        f"objective {o.name} has no teacher (momentum) encoder",
-    )
-    _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
-    _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "must be > 0")
-    _require(t.precision in ("no", "fp16", "bf16"), "train.precision", t.precision, "no, fp16 or bf16")
-    _require(
-        t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", t.on_nonfinite, "expected stop or skip"
-    )
-    _require(t.max_skipped > 0, "train.max_skipped", t.max_skipped, "must be positive")
-    _require(
-        t.on_save_error in ("stop", "warn"), "train.on_save_error", t.on_save_error, "expected stop or warn"
+        f"objective {objective} has no teacher (momentum) encoder",
     )
 
 
@@ -648,7 +654,6 @@ def _validate_strategies(text: str | None, key: str, allowed: list[int]) -> None
 
 
 def _validate_ramp(ramp: RampConfig, key: str, ok: Any, why: str) -> None:
-    _require(ramp.shape in SHAPES, f"{key}.shape", ramp.shape, f"expected one of {SHAPES}")
     if ramp.shape != "random":
         _require(ramp.choices is None, f"{key}.choices", ramp.choices, "only for shape random")
         _require(ramp.weights is None, f"{key}.weights", ramp.weights, "only for shape random")
