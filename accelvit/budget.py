@@ -156,6 +156,13 @@ def _along(points: list[tuple[float, float]], x: float) -> float:
     return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
 
 
+def finished(train: TrainConfig, step: int, budget_spent: float) -> bool:
+    """Whether a run has spent its budget, or taken its steps."""
+    if train.budget is not None:
+        return budget_spent >= train.budget
+    return step >= train.steps
+
+
 def progress_of(train: TrainConfig, step: int, budget_spent: float) -> float:
     """Training progress in [0, 1]: budget spent over budget, or steps done over steps."""
     if train.budget is not None:

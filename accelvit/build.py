@@ -1,7 +1,9 @@
-"""The composition root of the estimator's runs: a model state, the run's data stream and views, and
-`accelvit.gradbias`'s math put together into a grad-error report.
+"""The composition root: the one module below the loop and the CLI that reads the whole recipe.
 
-It reads the whole recipe; the modules below it receive their own sections.
+It builds the objective model, the run's data stream (views drawn per step), the strategies the
+estimator and the adaptive schedule compare, the cost model a step is counted with, and puts a model
+state, the data stream and `accelvit.gradbias`'s math together into a grad-error report. The modules
+below it receive their own sections.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from accelvit.augment import batch_views
 from accelvit.backbone import build_backbone, vit_shape
-from accelvit.budget import progress_of, relative_cost
+from accelvit.budget import CostFn, flops_cost_fn, progress_of, relative_cost, table_cost_fn
 from accelvit.checkpoint import STATE
 from accelvit.config import Config, patch_sizes
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
@@ -27,7 +29,62 @@ from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import use_cpu
 from accelvit.gradbias import SCHEMA, measure, summarize
 from accelvit.objectives import OBJECTIVES, view_pipeline
-from accelvit.setting import Setting, strategy_rule
+from accelvit.setting import Setting, strategies_or_default, strategy_rule
+from accelvit.timing import measured_settings, shared_cost_table
+
+
+def build_model(cfg: Config, sync_batch_norm: bool = False) -> nn.Module:
+    """The objective module around a freshly initialised backbone (seed first: every process must
+    build the same weights). `sync_batch_norm`: head batch norm over the global batch (multi-GPU)."""
+    backbone = build_backbone(cfg.model)
+    model = OBJECTIVES[cfg.objective.name].build(cfg.objective, backbone, cfg.schedule.dropout_views)
+    if sync_batch_norm:
+        # torch syncs batch norm on GPUs only: on CPU each process normalises its own batch (DDP
+        # broadcasts rank 0's running statistics at every forward)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_stream(
+    cfg: Config, images, accelerator: Accelerator, start: int
+) -> Iterator[tuple[list[torch.Tensor], list[str]]]:
+    """Each step's views on the device and the unreadable files met loading them, from step `start`.
+
+    A pure function of (seed, step, process), so a resumed run sees the batches and views it would
+    have seen.
+    """
+    train, rank = cfg.train, accelerator.process_index
+    sampler = StepBatchSampler(
+        len(images), train.batch_size, train.seed, start, train.steps, rank, accelerator.num_processes
+    )
+    transform, specs = view_pipeline(cfg)  # specs: views drawn on the device (data.augment: device)
+    loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
+    for step, (loaded, _, bad) in enumerate(loader, start):
+        yield batch_views(loaded, specs, train.seed, step, rank, accelerator.device), bad
+
+
+def strategies(cfg: Config) -> tuple[list[Setting], list[Setting]]:
+    """The estimator's strategies (`train.grad_error_strategies`) and the adaptive schedule's
+    candidates (`schedule.candidates`, full input left out: it is always a candidate)."""
+    base, allowed = cfg.model.patch_size, patch_sizes(cfg.model)
+    candidates = strategies_or_default(cfg.schedule.candidates, base, allowed)
+    return (
+        strategies_or_default(cfg.train.grad_error_strategies, base, allowed),
+        [s for s in candidates if s != Setting(1.0, base)],
+    )
+
+
+def build_cost(
+    cfg: Config, accelerator: Accelerator, model: nn.Module, images, run_dir, candidates: list[Setting]
+) -> CostFn:
+    """Budget units per image of a step at a setting: analytic FLOPs, or timed once per run and shared."""
+    objective = accelerator.unwrap_model(model)
+    if cfg.cost.model == "measured":
+        measure = measured_settings(cfg, candidates if cfg.schedule.mode == "adaptive" else ())
+        pipeline = view_pipeline(cfg)
+        return table_cost_fn(shared_cost_table(accelerator, model, images, pipeline, measure, cfg, run_dir))
+    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
+    return flops_cost_fn(vit_shape(objective.backbone, cfg.model.image_size), branches, cfg.model.patch_size)
 
 
 def estimate(

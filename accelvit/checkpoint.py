@@ -258,3 +258,34 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
             lines = path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last]
             write_atomic(path, "".join(kept))
+
+
+def save(
+    accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int, on_error: str, identity: dict
+) -> Path | None:
+    """Checkpoint; on a write error stop (SaveError) or, with `on_error` warn, warn and go on."""
+    try:
+        return save_checkpoint(accelerator, run_dir, state, keep, identity)
+    except SaveError as exc:
+        if on_error == "stop":
+            raise
+        if accelerator.is_main_process:
+            warnings.warn(f"{exc}; training goes on (train.on_save_error: warn)", stacklevel=2)
+        return None
+
+
+def resume_state(accelerator: Accelerator, run_dir: Path, identity: dict) -> TrainState:
+    """Model, optimizer and RNG states from the newest checkpoint; the log files cut back to it."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"'{run_dir}' has no complete checkpoint to resume from")
+    state = load_checkpoint(accelerator, checkpoint, identity)
+    if accelerator.is_main_process:
+        truncate_metrics(run_dir, state.step)
+        write_decisions(run_dir, state.decisions)
+        print(f"resuming {run_dir} from step {state.step}", flush=True)
+    return state
+
+
+def write_decisions(run_dir: Path, decisions: list[dict]) -> None:
+    write_atomic(run_dir / DECISIONS, "".join(json.dumps(d) + "\n" for d in decisions))

@@ -134,3 +134,8 @@ def current_setting(
 def due_points(points: list[float], progress: float, done: list[float]) -> list[float]:
     """Progress points reached by `progress` that have not fired yet (each fires once)."""
     return [p for p in points if p <= progress and p not in done]
+
+
+def due(step: int, every: int | None) -> bool:
+    """Whether something done every `every` steps (None: never) is due at `step`."""
+    return bool(every) and step % every == 0

@@ -8,7 +8,6 @@ optimizer and RNG states.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 import warnings
@@ -18,39 +17,33 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
-from accelvit.augment import batch_views
-from accelvit.backbone import build_backbone, vit_shape
-from accelvit.budget import flops_cost_fn, progress_of, table_cost_fn, tokens_per_view
-from accelvit.build import estimate_at
+from accelvit.backbone import vit_shape
+from accelvit.budget import finished, progress_of
+from accelvit.build import build_cost, build_model, build_stream, estimate_at, strategies
 from accelvit.checkpoint import (
     CHECKPOINTS,
-    DECISIONS,
     DIAGNOSTICS,
     GRAD_ERROR,
     METRICS,
-    SaveError,
     TrainState,
-    latest_checkpoint,
-    load_checkpoint,
+    resume_state,
     run_identity,
-    save_checkpoint,
-    truncate_metrics,
-    write_atomic,
+    save,
+    write_decisions,
 )
-from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig, patch_sizes
-from accelvit.data import StepBatchSampler, build_loader, load_dataset
+from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig
+from accelvit.data import load_dataset
 from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import any_process, use_cpu
 from accelvit.evaluate import evaluate_backbone
+from accelvit.metrics import Meter, advance, append_jsonl, log_record, progress_bar, show
 from accelvit.monitor import collapse_warning
-from accelvit.objectives import OBJECTIVES, buffer_restorer, encoder_name, view_pipeline
+from accelvit.objectives import buffer_restorer, encoder_name
 from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
-from accelvit.schedule import current_setting, due_points, lr_at, weight_decay_at
-from accelvit.setting import Setting, setting_of, stem_stride, strategies_or_default
-from accelvit.timing import measured_settings, shared_cost_table
+from accelvit.schedule import current_setting, due, due_points, lr_at, weight_decay_at
+from accelvit.setting import Setting, setting_of, stem_stride
 
 
 @dataclass
@@ -130,92 +123,56 @@ class StopRequest:
 def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     """Pretrain the backbone of `cfg` in `run_dir` (created beforehand by `create_run_dir`)."""
     accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
-    main = accelerator.is_main_process
-    train, image_size, base_patch = cfg.train, cfg.model.image_size, cfg.model.patch_size
+    train, main = cfg.train, accelerator.is_main_process
+    global_batch = train.batch_size * accelerator.num_processes
+    identity = run_identity(cfg)
 
     # Model, identical on every process (same seed); DDP keeps it so.
     set_seed(train.seed)
-    objective = OBJECTIVES[cfg.objective.name]
-    backbone = build_backbone(cfg.model)
-    shape = vit_shape(backbone, image_size)
-    model = objective.build(cfg.objective, backbone, cfg.schedule.dropout_views)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        # batch norm in the heads over the global batch, as SimCLR and MoCo-v3 do. (torch syncs it on
-        # GPUs only: on CPU each process normalises its own batch; DDP broadcasts rank 0's running
-        # statistics at every forward.)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sync = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+    model = build_model(cfg, sync_batch_norm=sync)  # batch norm over the global batch, as the references
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
+    objective = accelerator.unwrap_model(model)
+    shape = vit_shape(objective.backbone, cfg.model.image_size)
 
-    # Resume: model, optimizer and every process's RNG state come back from the checkpoint.
-    state = TrainState()
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise ConfigError(f"'{run_dir}' has no complete checkpoint to resume from")
-        state = load_checkpoint(accelerator, checkpoint, run_identity(cfg))
-        if main:
-            truncate_metrics(run_dir, state.step)
-            _write_decisions(run_dir, state.decisions)
-            print(f"resuming {run_dir} from step {state.step}", flush=True)
-    else:
+    # Resume: model, optimizer, RNG states and the TrainState come back from the checkpoint.
+    state = resume_state(accelerator, run_dir, identity) if resume else TrainState()
+    if not resume:
         set_seed(train.seed + accelerator.process_index)  # token dropout differs per process
 
-    # Data: a pure function of (seed, step), so the loader starts where the checkpoint stopped.
-    world, batch = accelerator.num_processes, train.batch_size
+    # Data, and the cost of a step in budget units per image (the budget's currency)
     images = load_dataset(cfg.data, train=True)
-    sampler = StepBatchSampler(
-        len(images), batch, train.seed, state.step, train.steps, accelerator.process_index, world
-    )
-    transform, specs = view_pipeline(cfg)  # specs: views drawn on the device (data.augment: device)
-    loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
-    probe = probe_batch(images, image_size).to(accelerator.device) if train.diagnostics_every else None
+    stream = build_stream(cfg, images, accelerator, state.step)
+    probe = None
+    if train.diagnostics_every:  # the fixed batch the attention diagnostics are measured on
+        probe = probe_batch(images, cfg.model.image_size).to(accelerator.device)
+    grad_error_strategies, candidates = strategies(cfg)
+    cost = build_cost(cfg, accelerator, model, images, run_dir, candidates)
 
-    # Costs of a step in budget units per image (the budget's and the adaptive schedule's currency)
-    allowed = patch_sizes(cfg.model)
-    grad_error_strategies = strategies_or_default(train.grad_error_strategies, base_patch, allowed)
-    candidates = [
-        s
-        for s in strategies_or_default(cfg.schedule.candidates, base_patch, allowed)
-        if s != Setting(1.0, base_patch)
-    ]
-    if cfg.cost.model == "measured":
-        measure = measured_settings(cfg, candidates if cfg.schedule.mode == "adaptive" else ())
-        table = shared_cost_table(accelerator, model, images, (transform, specs), measure, cfg, run_dir)
-        cost = table_cost_fn(table)
-    else:
-        cost = flops_cost_fn(
-            shape, objective.branches(cfg.objective, cfg.model, cfg.schedule.dropout_views), base_patch
-        )
-
-    stop = StopRequest()
-    bar = _progress_bar(train, state, main)
-    meter = _Meter()
+    stop, bar, meter = StopRequest(), progress_bar(train, state, main), Meter()
     warned = False  # a collapse warning is printed once a run
     try:
-        batches = iter(loader)
-        while not _finished(train, state):
+        while not finished(train, state.step, state.budget_spent):
             progress = progress_of(train, state.step, state.budget_spent)
 
             # Data (time spent waiting for it is data_s)
             tick = time.perf_counter()
-            loaded, _, bad = next(batches)
-            rank = accelerator.process_index
-            views = batch_views(loaded, specs, train.seed, state.step, rank, accelerator.device)
+            views, bad = next(stream)
             meter.data_s += time.perf_counter() - tick
             _check_bad_files(bad, cfg.data.on_bad_file, state, main)
 
             # Attention diagnostics on the fixed probe batch (train.diagnostics_every)
-            if main and train.diagnostics_every and state.step % train.diagnostics_every == 0:
-                blocks = measure_blocks(accelerator.unwrap_model(model).backbone, probe)
-                with open(run_dir / DIAGNOSTICS, "a") as f:
-                    f.write(json.dumps({"step": state.step, "progress": progress, "blocks": blocks}) + "\n")
+            if main and due(state.step, train.diagnostics_every):
+                blocks = measure_blocks(objective.backbone, probe)
+                record = {"step": state.step, "progress": progress, "blocks": blocks}
+                append_jsonl(run_dir / DIAGNOSTICS, record)
 
             # Gradient error of compressed inputs on the current model (train.grad_error_at)
             for point in due_points(train.grad_error_at, progress, state.grad_error_done):
                 report = estimate_at(
-                    accelerator.unwrap_model(model), cfg, accelerator, grad_error_strategies,
-                    train.grad_error_batches, state.step, progress, images,
+                    objective, cfg, accelerator, grad_error_strategies, train.grad_error_batches, state.step,
+                    progress, images,
                 )  # fmt: skip
                 state.grad_error_done.append(point)
                 if main:
@@ -226,24 +183,20 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                 done = [d["stage"] for d in state.decisions]
                 for stage in due_points(cfg.schedule.stages, progress, done):
                     decision = _decide(
-                        cfg, accelerator, model, images, candidates, cost, state, stage, progress
+                        cfg, accelerator, objective, images, candidates, cost, state, stage, progress
                     )
                     if main:
-                        _write_decisions(run_dir, state.decisions)
-                        bar.write(
-                            f"stage {stage:g} (step {state.step}): {setting_of(decision).label} "
-                            f"(keep:patch[:merge], CA-MSE {decision['ca_mse']:.3e})"
-                        )
+                        write_decisions(run_dir, state.decisions)
+                        bar.write(_decision_message(decision))
 
-            # Compression setting and learning rate at this point of training
+            # Compression setting, learning rate and weight decay at this point of training
             setting = current_setting(
-                cfg.schedule, progress, image_size, base_patch, state.decisions, stem_stride(cfg.model.stem),
-                state.step, train.seed,
+                cfg.schedule, progress, cfg.model.image_size, cfg.model.patch_size, state.decisions,
+                stem_stride(cfg.model.stem), state.step, train.seed,
             )  # fmt: skip
-            step_units = cost(setting) * batch * world
+            step_units = cost(setting) * global_batch
             # the learning rate of the progress reached by this step: the first step must not get lr 0
-            reached = progress_of(train, state.step + 1, state.budget_spent + step_units)
-            lr = lr_at(cfg.optim, reached)
+            lr = lr_at(cfg.optim, progress_of(train, state.step + 1, state.budget_spent + step_units))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.param_groups[0]["weight_decay"] = weight_decay_at(cfg.optim, progress)
@@ -252,116 +205,87 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             loss, grad_norm, finite = train_step(
                 accelerator, model, optimizer, views, setting, progress, cfg.optim.clip_grad, train.precision
             )
+            if not finite and (train.on_nonfinite == "stop" or state.skipped_in_row + 1 >= train.max_skipped):
+                # stopping checkpoints the state before this step: the counters move only after it
+                _stop_nonfinite(accelerator, run_dir, state, train, identity, loss, grad_norm)
+            _count_step(state, finite, global_batch, step_units)
             if finite:
-                state.skipped_in_row = 0
-            else:
-                # stopping checkpoints the state before this step: the counters move only after
-                if train.on_nonfinite == "stop" or state.skipped_in_row + 1 >= train.max_skipped:
-                    _stop_nonfinite(accelerator, run_dir, state, train, cfg, loss, grad_norm)
-                state.skipped += 1
-                state.skipped_in_row += 1
-            state.step += 1
-            state.images_seen += batch * world
-            state.budget_spent += step_units
-            if finite:
-                meter.add(loss.detach(), batch * world)
-            _advance(bar, train, state)
+                meter.add(loss.detach(), global_batch)
+            advance(bar, train, state)
 
-            # Log
-            if state.step % train.log_every == 0 or _finished(train, state):
-                record = _log_record(accelerator, meter, state, train, lr, setting, shape)
-                record.update(_monitors(accelerator, accelerator.unwrap_model(model).monitors))
-                meter = _Meter()
+            # Log (and warn once if the collapse monitors read collapsed)
+            if due(state.step, train.log_every) or finished(train, state.step, state.budget_spent):
+                record = log_record(accelerator, meter, state, train, lr, setting, shape, objective.monitors)
+                meter = Meter()
                 warning = collapse_warning(record, shape.embed_dim) if record["progress"] >= 0.1 else None
-                if main and warning and not warned:
-                    bar.write(f"warning: {warning}")
-                    warned = True
                 if main:
-                    with open(run_dir / METRICS, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(
-                        loss="skipped" if record["loss"] is None else f"{record['loss']:.4f}",
-                        keep=f"{setting.keep:.2f}",
-                        patch=setting.patch,
-                        **({"merge": f"{setting.merge:.2f}"} if setting.merge else {}),
-                        img_s=f"{record['images_per_s']:.0f}",
-                    )
+                    append_jsonl(run_dir / METRICS, record)
+                    show(bar, record, setting)
+                    if warning and not warned:
+                        bar.write(f"warning: {warning}")
+                warned = warned or warning is not None
 
             # Evaluate (kNN on the labelled splits, main process)
-            if train.eval_every and state.step % train.eval_every == 0:
+            if due(state.step, train.eval_every):
                 if main:
-                    encoder = encoder_name(cfg.objective.name, cfg.eval.encoder)
-                    backbone = getattr(accelerator.unwrap_model(model), encoder)
-                    result = evaluate_backbone(backbone, cfg.model, cfg.data, cfg.eval, accelerator.device)
-                    with open(run_dir / METRICS, "a") as f:
-                        f.write(json.dumps({"step": state.step, "knn_top1": result["knn_top1"]}) + "\n")
+                    encoder = getattr(objective, encoder_name(cfg.objective.name, cfg.eval.encoder))
+                    result = evaluate_backbone(encoder, cfg.model, cfg.data, cfg.eval, accelerator.device)
+                    append_jsonl(run_dir / METRICS, {"step": state.step, "knn_top1": result["knn_top1"]})
                     bar.write(f"step {state.step}: kNN top-1 {result['knn_top1']:.4f}")
                 accelerator.wait_for_everyone()
 
             # Checkpoint (and stop, on a signal from any process)
             stopping = any_process(accelerator, stop.requested)
-            finished = _finished(train, state)
-            if state.step % train.checkpoint_every == 0 or finished or stopping:
-                path = _save(accelerator, run_dir, state, cfg)
-            if stopping and not finished:
+            done = finished(train, state.step, state.budget_spent)
+            if due(state.step, train.checkpoint_every) or done or stopping:
+                path = save(
+                accelerator, run_dir, state, train.keep_checkpoints, train.on_save_error, identity
+            )
+            if stopping and not done:
                 bar.close()
                 if main:
-                    done = progress_of(train, state.step, state.budget_spent)
-                    where = f"/{train.steps}" if train.budget is None else f" ({done:.1%} of the budget)"
-                    print(
-                        f"stopped at step {state.step}{where}; checkpoint {path}\n"
-                        f"resume with: accelvit resume {run_dir}",
-                        flush=True,
-                    )
+                    print(_stopped_message(train, state, run_dir, path), flush=True)
                 return RunResult(run_dir, state.step, stopped=True)
     finally:
         stop.restore()
         bar.close()
     accelerator.wait_for_everyone()
-    if main and state.bad_files:
-        print(
-            f"skipped {state.bad_files} reads of unreadable images, e.g. "
-            + "; ".join(state.bad_file_examples),
-            flush=True,
-        )
     if main:
-        print(
-            f"done: {state.step} steps, {state.images_seen} images, {state.budget_spent:.4g} budget units\n"
-            f"run: {run_dir}\nmetrics: {run_dir / METRICS}\n"
-            f"export the backbone: accelvit export {run_dir} -o backbone.safetensors",
-            flush=True,
-        )
+        print(_done_message(state, run_dir), flush=True)
     return RunResult(run_dir, state.step, stopped=False)
 
 
-def _log_record(
-    accelerator, meter: _Meter, state: TrainState, train: TrainConfig, lr, setting, shape
-) -> dict:
-    """One line of metrics.jsonl; the loss is the mean over processes and over the steps since the
-    last line that were not skipped (null if all were)."""
-    loss = accelerator.reduce(meter.loss_sum, "mean").item() / meter.steps if meter.steps else None
-    extra = {"estimator_spent": state.estimator_spent, "skipped": state.skipped, "bad_files": state.bad_files}
-    return {
-        "step": state.step,
-        "progress": round(progress_of(train, state.step, state.budget_spent), 6),
-        "loss": loss,
-        "lr": lr,
-        "keep": round(setting.keep, 6),
-        "patch": setting.patch,
-        "merge": round(setting.merge, 6),
-        "tokens": tokens_per_view(shape, setting),
-        "budget_spent": state.budget_spent,
-        **{k: v for k, v in extra.items() if v},
-        **meter.rates(),
-    }
+def _count_step(state: TrainState, finite: bool, images: int, units: float) -> None:
+    state.skipped_in_row = 0 if finite else state.skipped_in_row + 1
+    state.skipped += not finite
+    state.step += 1
+    state.images_seen += images
+    state.budget_spent += units
 
 
-def _monitors(accelerator: Accelerator, monitors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The last step's collapse monitors, averaged over processes."""
-    if not monitors:
-        return {}
-    values = accelerator.reduce(torch.stack(list(monitors.values())).float(), "mean").tolist()
-    return {k: round(v, 6) for k, v in zip(monitors, values, strict=True)}
+def _decision_message(decision: dict) -> str:
+    return (
+        f"stage {decision['stage']:g} (step {decision['step']}): {setting_of(decision).label} "
+        f"(keep:patch[:merge], CA-MSE {decision['ca_mse']:.3e})"
+    )
+
+
+def _stopped_message(train: TrainConfig, state: TrainState, run_dir: Path, path: Path | None) -> str:
+    done = progress_of(train, state.step, state.budget_spent)
+    where = f"/{train.steps}" if train.budget is None else f" ({done:.1%} of the budget)"
+    return f"stopped at step {state.step}{where}; checkpoint {path}\nresume with: accelvit resume {run_dir}"
+
+
+def _done_message(state: TrainState, run_dir: Path) -> str:
+    examples = "; ".join(state.bad_file_examples)
+    skipped = f"skipped {state.bad_files} reads of unreadable images, e.g. {examples}\n"
+    return (
+        (skipped if state.bad_files else "")
+        + f"done: {state.step} steps, {state.images_seen} images, "
+        f"{state.budget_spent:.4g} budget units\n"
+        f"run: {run_dir}\nmetrics: {run_dir / METRICS}\n"
+        f"export the backbone: accelvit export {run_dir} -o backbone.safetensors"
+    )
 
 
 class NonFiniteError(RuntimeError):
@@ -377,13 +301,13 @@ def _grad_norm(accelerator: Accelerator, model: torch.nn.Module, clip: float | N
 
 
 def _stop_nonfinite(
-    accelerator, run_dir: Path, state: TrainState, train: TrainConfig, cfg, loss, norm
+    accelerator, run_dir: Path, state: TrainState, train: TrainConfig, identity: dict, loss, norm
 ) -> None:
     """Checkpoint the last good state (the weights before this step) unless it is saved, and stop."""
     existing = run_dir / CHECKPOINTS / f"step_{state.step}"
     path = existing if existing.is_dir() else None
     if path is None and state.step > 0:
-        path = _save(accelerator, run_dir, state, cfg)
+        path = save(accelerator, run_dir, state, train.keep_checkpoints, train.on_save_error, identity)
     why = (
         f"{state.skipped_in_row + 1} steps in a row (train.max_skipped)"
         if train.on_nonfinite == "skip"
@@ -394,18 +318,6 @@ def _stop_nonfinite(
         f"step {state.step + 1}: non-finite loss {loss.item():.4g} or gradient norm {float(norm):.4g} "
         f"({why}); {saved}"
     )
-
-
-def _save(accelerator: Accelerator, run_dir: Path, state: TrainState, cfg: Config) -> Path | None:
-    """Checkpoint; on a write error stop (SaveError) or, with train.on_save_error: warn, go on."""
-    try:
-        return save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, run_identity(cfg))
-    except SaveError as exc:
-        if cfg.train.on_save_error == "stop":
-            raise
-        if accelerator.is_main_process:
-            warnings.warn(f"{exc}; training goes on (train.on_save_error: warn)", stacklevel=2)
-        return None
 
 
 def _check_bad_files(bad: list[str], policy: str, state: TrainState, main: bool) -> None:
@@ -420,40 +332,13 @@ def _check_bad_files(bad: list[str], policy: str, state: TrainState, main: bool)
                 warnings.warn(f"skipping unreadable image {item} (data.on_bad_file: skip)", stacklevel=2)
 
 
-def _finished(train: TrainConfig, state: TrainState) -> bool:
-    if train.budget is not None:
-        return state.budget_spent >= train.budget
-    return state.step >= train.steps
-
-
-def _progress_bar(train: TrainConfig, state: TrainState, main: bool) -> tqdm:
-    if train.budget is None:
-        return tqdm(total=train.steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True)
-    done = round(100 * progress_of(train, state.step, state.budget_spent), 2)
-    return tqdm(
-        total=100, initial=done, disable=not main, unit="%", dynamic_ncols=True, bar_format=_BUDGET_BAR
-    )
-
-
-_BUDGET_BAR = "{l_bar}{bar}| {n:.1f}/100% of budget [{elapsed}<{remaining}{postfix}]"
-
-
-def _advance(bar: tqdm, train: TrainConfig, state: TrainState) -> None:
-    if train.budget is None:
-        bar.update(1)
-    else:
-        bar.update(round(100 * progress_of(train, state.step, state.budget_spent), 2) - bar.n)
-
-
 def _decide(
-    cfg, accelerator, model, images, candidates, cost, state: TrainState, stage: float, progress: float
+    cfg, accelerator, objective, images, candidates, cost, state: TrainState, stage: float, progress: float
 ) -> dict:
     """Measure CA-MSE of the candidates on the current model and record the best as the next stage."""
     base = cfg.model.patch_size
     k, batch = cfg.schedule.adaptive_batches, cfg.train.batch_size
-    report = estimate_at(
-        accelerator.unwrap_model(model), cfg, accelerator, candidates, k, state.step, progress, images
-    )
+    report = estimate_at(objective, cfg, accelerator, candidates, k, state.step, progress, images)
     previous = setting_of(state.decisions[-1]) if state.decisions else None
     choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone)
     # the estimator ran K batches of `batch` images at full input and at every candidate
@@ -469,31 +354,3 @@ def _decide(
     }
     state.decisions.append(decision)
     return decision
-
-
-def _write_decisions(run_dir: Path, decisions: list[dict]) -> None:
-    write_atomic(run_dir / DECISIONS, "".join(json.dumps(d) + "\n" for d in decisions))
-
-
-class _Meter:
-    """Loss and timing accumulated between two log lines."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.loss_sum: torch.Tensor | float = 0.0
-        self.steps = 0
-        self.images = 0
-        self.data_s = 0.0
-
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.loss_sum = self.loss_sum + loss.float()
-        self.steps += 1
-        self.images += images
-
-    def rates(self) -> dict[str, float]:
-        wall = time.perf_counter() - self.start
-        return {
-            "images_per_s": self.images / wall,
-            "data_s": round(self.data_s, 4),
-            "step_s": round(wall - self.data_s, 4),
-        }

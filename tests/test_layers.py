@@ -28,6 +28,7 @@ FLOORS = {
     "accelvit.backbone": 4,
     "accelvit.compress": 4,
     "accelvit.report": 4,
+    "accelvit.metrics": 4,
     "accelvit.objectives.simclr": 5,
     "accelvit.objectives.mocov3": 5,
     "accelvit.objectives.dino": 5,

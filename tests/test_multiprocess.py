@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The CLI, plus: at each checkpoint every rank also dumps its own weights, to compare the ranks.
 HARNESS = """
 import sys, torch
-import accelvit.train as train
+import accelvit.checkpoint as checkpoint
 
-real_save = train.save_checkpoint
+real_save = checkpoint.save_checkpoint
 
 def save(accelerator, run_dir, state, *args, **kwargs):
     path = real_save(accelerator, run_dir, state, *args, **kwargs)
@@ -29,7 +29,7 @@ def save(accelerator, run_dir, state, *args, **kwargs):
     torch.save(params, run_dir / f"rank{accelerator.process_index}_step{state.step}.pt")
     return path
 
-train.save_checkpoint = save
+checkpoint.save_checkpoint = save  # what checkpoint.save calls
 from accelvit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -71,7 +71,7 @@ def runs(tmp_path_factory):
 
 
 def test_both_ranks_hold_identical_weights(runs):
-    # parameters; the heads' batch-norm statistics are per process on CPU (see train.py)
+    # parameters; the heads' batch-norm statistics are per process on CPU (see build.build_model)
     _, _, two, _ = runs
     for step in (3, 6):
         rank0 = torch.load(two / f"rank0_step{step}.pt")

@@ -186,7 +186,6 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, tiny
 DISK_FULL_SCRIPT = """
 import resource, signal, sys
 import accelvit.checkpoint as checkpoint
-import accelvit.train as train
 
 real_save, calls = checkpoint.save_checkpoint, []
 
@@ -197,7 +196,7 @@ def save(accelerator, run_dir, state, *args, **kwargs):
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
     return real_save(accelerator, run_dir, state, *args, **kwargs)
 
-train.save_checkpoint = save
+checkpoint.save_checkpoint = save  # what checkpoint.save calls
 from accelvit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
