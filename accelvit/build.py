@@ -13,15 +13,17 @@ import json
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 from accelvit.augment import batch_views
 from accelvit.backbone import build_backbone, vit_shape
-from accelvit.budget import CostFn, flops_cost_fn, progress_of, relative_cost, table_cost_fn
+from accelvit.budget import CostFn, VitShape, flops_cost_fn, progress_of, relative_cost, table_cost_fn
 from accelvit.checkpoint import STATE
 from accelvit.config import Config, patch_sizes
 from accelvit.data import StepBatchSampler, build_loader, load_dataset
@@ -30,7 +32,7 @@ from accelvit.distributed import use_cpu
 from accelvit.gradbias import SCHEMA, measure, summarize
 from accelvit.objectives import OBJECTIVES, view_pipeline
 from accelvit.setting import Setting, strategies_or_default, strategy_rule
-from accelvit.timing import measured_settings, shared_cost_table
+from accelvit.timing import measure_costs, measured_settings, shared_cost_table
 
 
 def build_model(cfg: Config, sync_batch_norm: bool = False) -> nn.Module:
@@ -78,13 +80,35 @@ def build_cost(
     cfg: Config, accelerator: Accelerator, model: nn.Module, images, run_dir, candidates: list[Setting]
 ) -> CostFn:
     """Budget units per image of a step at a setting: analytic FLOPs, or timed once per run and shared."""
-    objective = accelerator.unwrap_model(model)
     if cfg.cost.model == "measured":
         measure = measured_settings(cfg, candidates if cfg.schedule.mode == "adaptive" else ())
         pipeline = view_pipeline(cfg)
         return table_cost_fn(shared_cost_table(accelerator, model, images, pipeline, measure, cfg, run_dir))
+    return flops_cost(cfg, vit_shape(accelerator.unwrap_model(model).backbone, cfg.model.image_size))
+
+
+def recipe_shape(cfg: Config) -> VitShape:
+    """The cost model's shape of the recipe's backbone, built on the meta device (no weights)."""
+    with torch.device("meta"):
+        return vit_shape(build_backbone(cfg.model), cfg.model.image_size)
+
+
+def flops_cost(cfg: Config, shape: VitShape | None = None) -> CostFn:
+    """Budget units per image of a step of the recipe's objective at a setting, from analytic FLOPs."""
     branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
-    return flops_cost_fn(vit_shape(objective.backbone, cfg.model.image_size), branches, cfg.model.patch_size)
+    return flops_cost_fn(shape or recipe_shape(cfg), branches, cfg.model.patch_size)
+
+
+def measured_cost_fn(cfg: Config) -> CostFn:
+    """Step costs timed on this machine with random images (timing does not depend on content)."""
+    model = build_model(cfg)
+    transform = OBJECTIVES[cfg.objective.name].transform(cfg.objective, cfg.model, cfg.data)
+    size = cfg.model.image_size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    views = [
+        torch.stack(v) for v in zip(*(transform(image) for _ in range(cfg.train.batch_size)), strict=True)
+    ]
+    return table_cost_fn(measure_costs(model, views, measured_settings(cfg), cfg.cost.repeats))
 
 
 def estimate(

@@ -51,24 +51,15 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    import torch
-
-    from accelvit.backbone import build_backbone, vit_shape
-    from accelvit.budget import flops_cost_fn, sample_rows, simulate
-    from accelvit.objectives import OBJECTIVES
+    from accelvit.budget import sample_rows, simulate
+    from accelvit.build import flops_cost, measured_cost_fn, recipe_shape
     from accelvit.report import format_schedule, plot_schedule
 
     cfg = load_config(args.recipe, args.set, check_paths=False)
-    with torch.device("meta"):  # only the shape is needed
-        shape = vit_shape(build_backbone(cfg.model), cfg.model.image_size)
-    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
+    shape = recipe_shape(cfg)
     global_batch = cfg.train.batch_size * args.processes
-    rows = simulate(cfg, shape, flops_cost_fn(shape, branches, cfg.model.patch_size), global_batch)
-    measured = None
-    if args.measure:
-        from accelvit.timing import measured_cost_fn
-
-        measured = simulate(cfg, shape, measured_cost_fn(cfg), global_batch)
+    rows = simulate(cfg, shape, flops_cost(cfg, shape), global_batch)
+    measured = simulate(cfg, shape, measured_cost_fn(cfg), global_batch) if args.measure else None
     print(format_schedule(sample_rows(rows, args.rows), rows, global_batch, measured))
     if cfg.schedule.mode == "adaptive":
         print("adaptive: the run picks each stage's setting; shown are its ramps before the first stage")

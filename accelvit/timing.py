@@ -12,19 +12,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
-from PIL import Image
 
 from accelvit.augment import batch_views
-from accelvit.backbone import build_backbone
-from accelvit.budget import CostFn, table_cost_fn
 from accelvit.checkpoint import COSTS
 from accelvit.compress import base_patch_size, forward_features
 from accelvit.config import Config, patch_sizes
 from accelvit.data import build_loader
-from accelvit.objectives import OBJECTIVES, buffer_restorer
+from accelvit.objectives import buffer_restorer
 from accelvit.schedule import ramp_values, setting_at
 from accelvit.setting import Setting, snap_patch, stem_stride
 
@@ -120,16 +116,3 @@ def shared_cost_table(
         write_costs(path, table[0], str(accelerator.device))
     broadcast_object_list(table)
     return table[0]
-
-
-def measured_cost_fn(cfg: Config) -> CostFn:
-    """Step costs timed on this machine with random images (timing does not depend on content)."""
-    objective = OBJECTIVES[cfg.objective.name]
-    model = objective.build(cfg.objective, build_backbone(cfg.model), cfg.schedule.dropout_views)
-    transform = objective.transform(cfg.objective, cfg.model, cfg.data)
-    size = cfg.model.image_size
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
-    views = [
-        torch.stack(v) for v in zip(*(transform(image) for _ in range(cfg.train.batch_size)), strict=True)
-    ]
-    return table_cost_fn(measure_costs(model, views, measured_settings(cfg), cfg.cost.repeats))

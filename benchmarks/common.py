@@ -30,14 +30,6 @@ BUDGETED_RUN = [  # --set overrides of a benchmark's budgeted run: no steps, no 
 ]
 
 
-def model_shape(cfg):
-    """The cost model's `VitShape` of a recipe's backbone, built on the meta device (no weights)."""
-    from accelvit.backbone import build_backbone, vit_shape
-
-    with torch.device("meta"):
-        return vit_shape(build_backbone(cfg.model), cfg.model.image_size)
-
-
 def untrained_knn(recipe: Path, overrides: list[str]) -> float:
     """kNN top-1 of the recipe's backbone at initialisation (the run's seed): the floor to beat."""
     from accelerate.utils import set_seed

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import BUDGETED_RUN, REPO, RESULTS, SMOKE_RECIPE, model_shape, write_result  # noqa: E402
+from benchmarks.common import BUDGETED_RUN, REPO, RESULTS, SMOKE_RECIPE, write_result  # noqa: E402
 from benchmarks.time_to_accuracy import full_step_units  # noqa: E402
 
 RECIPE = REPO / "recipes/simclr-fmnist-baseline.yaml"
@@ -75,9 +75,10 @@ def train_and_eval(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
 def relative_flops(cfg) -> Callable[..., float]:
     """`cost(keep=1, merge=0)`: forward FLOPs at the base patch relative to the full input."""
     from accelvit.budget import relative_cost
+    from accelvit.build import recipe_shape
     from accelvit.setting import Setting
 
-    shape, base = model_shape(cfg), cfg.model.patch_size
+    shape, base = recipe_shape(cfg), cfg.model.patch_size
     return lambda keep=1.0, merge=0.0: relative_cost(shape, Setting(keep, base, merge), base)
 
 

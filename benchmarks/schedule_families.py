@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import REPO, RESULTS, device, model_shape, write_result  # noqa: E402
+from benchmarks.common import REPO, RESULTS, device, write_result  # noqa: E402
 from benchmarks.runs import final_step, recipe_digest, train_run, training_minutes  # noqa: E402
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
 
@@ -48,14 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def step_cost_fn(recipe: Path, overrides: list[str]):
     """Setting -> step cost relative to the uncompressed step of the recipe's objective (FLOPs)."""
-    from accelvit.budget import flops_cost_fn
+    from accelvit.build import flops_cost
     from accelvit.config import load_config
-    from accelvit.objectives import OBJECTIVES
     from accelvit.setting import Setting
 
     cfg = load_config(recipe, overrides, check_paths=False)
-    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
-    cost = flops_cost_fn(model_shape(cfg), branches, cfg.model.patch_size)
+    cost = flops_cost(cfg)
     full = cost(Setting(1.0, cfg.model.patch_size))
     return lambda s: cost(s) / full
 
@@ -63,15 +61,13 @@ def step_cost_fn(recipe: Path, overrides: list[str]):
 def curriculum_mean_cost(recipe: Path, overrides: list[str]) -> float:
     """The mean relative cost of the recipe's steps: at equal budget, a schedule whose steps cost this on
     average takes as many steps."""
-    from accelvit.budget import flops_cost_fn, mean_cost, simulate
+    from accelvit.budget import mean_cost, simulate
+    from accelvit.build import flops_cost, recipe_shape
     from accelvit.config import load_config
-    from accelvit.objectives import OBJECTIVES
 
     cfg = load_config(recipe, overrides, check_paths=False)
-    shape = model_shape(cfg)
-    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
-    cost = flops_cost_fn(shape, branches, cfg.model.patch_size)
-    return mean_cost(simulate(cfg, shape, cost, cfg.train.batch_size))
+    shape = recipe_shape(cfg)
+    return mean_cost(simulate(cfg, shape, flops_cost(cfg, shape), cfg.train.batch_size))
 
 
 def constant_keep(cost, base: int, target: float) -> float:

@@ -29,7 +29,6 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     SMOKE_RECIPE,
     device,
-    model_shape,
     untrained_knn,
     write_result,
 )
@@ -72,16 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def full_step_units(recipe: Path, overrides: list[str]) -> float:
     """Budget units of one uncompressed step of `recipe` (per image x batch)."""
-    from accelvit.budget import flops_cost_fn
+    from accelvit.build import flops_cost
     from accelvit.config import load_config
-    from accelvit.objectives import OBJECTIVES
     from accelvit.setting import Setting
 
     cfg = load_config(recipe, [*overrides, "train.steps=null", "train.budget=1"], check_paths=False)
-    shape = model_shape(cfg)
-    branches = OBJECTIVES[cfg.objective.name].branches(cfg.objective, cfg.model, cfg.schedule.dropout_views)
-    cost = flops_cost_fn(shape, branches, cfg.model.patch_size)
-    return cost(Setting(1.0, cfg.model.patch_size)) * cfg.train.batch_size
+    return flops_cost(cfg)(Setting(1.0, cfg.model.patch_size)) * cfg.train.batch_size
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> float | None:
