@@ -59,7 +59,7 @@ def plot_schedule(rows: list[ScheduleRow], path: Path, title: str = "") -> Path:
     axes[-1].set_xlabel("training progress")
     if title:
         axes[0].set_title(title)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def plot_grad_report(reports: list[dict], path: Path, labels: list[str]) -> Path
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def write_grad_report(report: dict, path: Path) -> list[Path]:
@@ -248,10 +248,10 @@ def plot_diagnostics(runs: dict[str, list[dict]], path: Path) -> Path:
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=6)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
-def _save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

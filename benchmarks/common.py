@@ -22,6 +22,16 @@ SMOKE_RECIPE = [  # --set overrides that turn a recipe into a seconds-long run o
     "train.batch_size=8",
 ]
 
+SMOKE_SCORED = [  # and for runs that are scored: small kNN splits, small heads, no local crops
+    *SMOKE_RECIPE,
+    "eval.train_limit=64",
+    "eval.test_limit=32",
+    "objective.local_crops=0",
+    "objective.hidden_dim=32",
+    "objective.bottleneck_dim=16",
+    "objective.out_dim=32",
+]
+
 BUDGETED_RUN = [  # --set overrides of a benchmark's budgeted run: no steps, no online eval, one checkpoint
     "train.steps=null",
     "train.eval_every=null",

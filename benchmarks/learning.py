@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
-from benchmarks.common import REPO, RESULTS, SMOKE_RECIPE, device, untrained_knn, write_result  # noqa: E402
+from benchmarks.common import REPO, RESULTS, SMOKE_SCORED, device, untrained_knn, write_result  # noqa: E402
 from benchmarks.runs import recipe_digest, train_run, training_minutes  # noqa: E402
 
 if TYPE_CHECKING:
@@ -33,18 +33,12 @@ if TYPE_CHECKING:
 
 FRACTIONS = (0.25, 0.5, 1.0)
 SMOKE = [
-    *SMOKE_RECIPE,
+    *SMOKE_SCORED,
     "train.steps=8",
     "train.checkpoint_every=2",
     "train.keep_checkpoints=4",
     "train.log_every=1",
     "train.eval_every=null",
-    "eval.train_limit=64",
-    "eval.test_limit=32",
-    "objective.local_crops=0",
-    "objective.hidden_dim=32",
-    "objective.bottleneck_dim=16",
-    "objective.out_dim=32",
 ]
 
 
@@ -152,6 +146,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from accelvit.report import save_figure
+
     names = list(dict.fromkeys(r["objective"] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
@@ -163,10 +159,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(mine[0]["untrained_knn"], color="grey", linestyle=":", label="untrained")
         ax.set(title=name, xlabel="fraction of the recipe's budget", ylabel="kNN top-1", xlim=(0, 1.05))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path)}")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,24 @@ def final_step(run_dir: Path) -> int:
     if last is None:
         raise SystemExit(f"{run_dir} has no checkpoint")
     return int(last.name.removeprefix("step_"))
+
+
+def scored_run(recipe: Path, overrides: list[str], run_dir: Path, cache: dict, fields: dict) -> dict:
+    """Train `run_dir` to its end and score its final checkpoint (kNN and a linear probe) into a row
+    that starts with `fields`, or take the row from `cache` ((recipe digest, step) -> row) when the
+    same run was scored before."""
+    from accelvit.evaluate import evaluate_run
+
+    train_run(recipe, overrides, run_dir)
+    step, identity = final_step(run_dir), recipe_digest(run_dir)
+    if (identity, step) in cache:
+        return cache[(identity, step)]
+    result = evaluate_run(run_dir, linear=True)
+    return {
+        **fields,
+        "step": step,
+        "minutes": round(training_minutes(run_dir), 3),
+        "knn_top1": result["knn_top1"],
+        "linear_top1": result["linear_top1"],
+        "run_recipe": identity,
+    }

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import REPO, RESULTS, device, write_result  # noqa: E402
-from benchmarks.runs import final_step, recipe_digest, train_run, training_minutes  # noqa: E402
+from benchmarks.runs import scored_run, train_run, training_minutes  # noqa: E402
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
 
 FAMILIES = ("uncompressed", "curriculum", "constant", "random", "plan", "adaptive")
@@ -162,7 +162,6 @@ def family_overrides(
 
 def main(argv: list[str] | None = None) -> dict:
     from accelvit.config import load_config
-    from accelvit.evaluate import evaluate_run
 
     args = parse_args(argv)
     size = "smoke" if args.smoke else "gpu" if args.gpu else "cpu"
@@ -180,25 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
         for family in args.families.split(","):
             recipe, overrides, estimator_minutes = family_overrides(family, name, common, budget, runs)
             run_dir = runs / f"{name}-{family}-{args.fraction:g}"
-            train_run(recipe, overrides, run_dir)
-            step, identity = final_step(run_dir), recipe_digest(run_dir)
-            row = cache.get((identity, step))
-            if row is None:
-                result = evaluate_run(run_dir, linear=True)
-                last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-                row = {
-                    "objective": name,
-                    "family": family,
-                    "fraction": args.fraction,
-                    "step": step,
-                    "minutes": round(training_minutes(run_dir), 3),
-                    "knn_top1": result["knn_top1"],
-                    "linear_top1": result["linear_top1"],
-                    "estimator_units": last.get("estimator_spent", 0.0),
-                    "estimator_minutes": round(estimator_minutes, 3),
-                    "overrides": overrides,
-                    "run_recipe": identity,
-                }
+            fields = {"objective": name, "family": family, "fraction": args.fraction, "overrides": overrides}
+            fields["estimator_minutes"] = round(estimator_minutes, 3)
+            row = scored_run(recipe, overrides, run_dir, cache, fields)
+            last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+            row["estimator_units"] = last.get("estimator_spent", 0.0)
             rows.append(row)
             print(f"{name:>7} {family:>12}: kNN {row['knn_top1']:.4f}, linear {row['linear_top1']:.4f}, "
                   f"{row['step']} steps, {row['minutes']:.1f} min", flush=True)  # fmt: skip

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `pyt
 from benchmarks.common import (  # noqa: E402
     REPO,
     RESULTS,
-    SMOKE_RECIPE,
+    SMOKE_SCORED,
     device,
     untrained_knn,
     write_result,
 )
-from benchmarks.runs import final_step, recipe_digest, train_run, training_minutes  # noqa: E402
+from benchmarks.runs import scored_run  # noqa: E402
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 GPU = [
@@ -42,19 +42,8 @@ GPU = [
     "eval.train_limit=null",
     "eval.test_limit=null",
 ]
-SMOKE = [
-    *SMOKE_RECIPE,
-    "train.steps=8",
-    "train.checkpoint_every=4",
-    "train.eval_every=null",
-    "eval.train_limit=64",
-    "eval.test_limit=32",
-    "eval.linear_epochs=2",
-    "objective.local_crops=0",
-    "objective.hidden_dim=32",
-    "objective.bottleneck_dim=16",
-    "objective.out_dim=32",
-]
+SMOKE = [*SMOKE_SCORED, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=null"]
+SMOKE += ["eval.linear_epochs=2"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,7 +111,6 @@ def speedup(rows: list[dict], metric: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from accelvit.config import load_config
-    from accelvit.evaluate import evaluate_run
 
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -142,23 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
             overrides += ["train.steps=null", f"train.budget={fraction * budget_units}"]
         label = "baseline" if kind == "baseline" else f"accel-{fraction:g}"
         run_dir = runs / f"{name}-{label}-seed{seed}"
-        train_run(recipe, overrides, run_dir)
-        step, identity = final_step(run_dir), recipe_digest(run_dir)
-        row = cache.get((identity, step))
-        if row is None:
-            result = evaluate_run(run_dir, linear=True)
-            row = {
-                "objective": name,
-                "recipe": kind,
-                "fraction": fraction,
-                "budget": fraction * budget_units,
-                "seed": seed,
-                "step": step,
-                "minutes": round(training_minutes(run_dir), 3),
-                "knn_top1": result["knn_top1"],
-                "linear_top1": result["linear_top1"],
-                "run_recipe": identity,
-            }
+        fields = {"objective": name, "recipe": kind, "fraction": fraction, "seed": seed}
+        row = scored_run(recipe, overrides, run_dir, cache, {**fields, "budget": fraction * budget_units})
+        step = row["step"]
         rows.append(row)
         print(f"{name:>7} {kind:>8} {fraction:5.3f} B seed {seed} ({step} steps, {row['minutes']:.1f} min): "
               f"kNN {row['knn_top1']:.4f}, linear {row['linear_top1']:.4f}", flush=True)  # fmt: skip
@@ -246,6 +220,8 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from accelvit.report import save_figure
+
     names = list(summary)
     fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
@@ -261,10 +237,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set(title=name, xlabel="budget (fraction of the baseline's B)", ylabel="top-1")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path)}")
 
 
 if __name__ == "__main__":
