@@ -57,8 +57,8 @@ def build_steps(args: argparse.Namespace) -> dict:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
 
-    from accelvit.backbone import build_backbone
-    from accelvit.objectives import OBJECTIVES
+    from accelvit.build import build_model
+    from accelvit.config import Config
     from accelvit.setting import Setting
     from accelvit.train import build_optimizer, train_step
 
@@ -68,7 +68,7 @@ def build_steps(args: argparse.Namespace) -> dict:
     # accelvit
     accelerator = Accelerator(cpu=dev.type == "cpu")
     torch.manual_seed(0)
-    model = OBJECTIVES["simclr"].build(objective_cfg, build_backbone(model_cfg), "query")
+    model = build_model(Config(model=model_cfg, objective=objective_cfg))
     initial = copy.deepcopy(model.state_dict())
     optimizer = build_optimizer(model, OptimConfig())
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -71,10 +71,10 @@ def views_and_data_time(cfg, batch: int, workers: int, batches: int) -> tuple[li
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from accelvit.backbone import build_backbone, vit_shape
-    from accelvit.budget import flops_cost_fn, tokens_per_view
+    from accelvit.backbone import vit_shape
+    from accelvit.budget import tokens_per_view
+    from accelvit.build import build_model, flops_cost
     from accelvit.config import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig
-    from accelvit.objectives import OBJECTIVES
     from accelvit.setting import Setting, parse_strategies
     from accelvit.train import build_optimizer
 
@@ -96,15 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = Config(model=model_cfg, data=data, objective=ObjectiveConfig(name=args.objective))
     dev = device()
     torch.manual_seed(0)
-    backbone = build_backbone(model_cfg)
-    shape = vit_shape(backbone, model_cfg.image_size)
-    objective = OBJECTIVES[args.objective]
-    model = objective.build(cfg.objective, backbone, "query").to(dev)
+    model = build_model(cfg).to(dev)
     optimizer = build_optimizer(model, OptimConfig())
     views, data_s = views_and_data_time(cfg, args.batch, args.workers, max(2 * args.rounds, 4))
     views = [v.to(dev) for v in views]
     settings = parse_strategies(args.grid)
-    cost = flops_cost_fn(shape, objective.branches(cfg.objective, model_cfg, "query"), model_cfg.patch_size)
+    shape = vit_shape(model.backbone, model_cfg.image_size)
+    cost = flops_cost(cfg, shape)
 
     def step(setting: Setting) -> float:
         synchronize()
