@@ -32,7 +32,7 @@ def teacher_monitors(teacher: torch.Tensor, center: torch.Tensor, temp: float) -
     logits = (teacher.detach().float() - center.reshape(1, -1)) / temp
     log_p = torch.log_softmax(logits, dim=-1)
     entropy = -(log_p.exp() * log_p).sum(-1).mean() / math.log(teacher.shape[-1])
-    used = torch.tensor(float(logits.argmax(-1).unique().numel()))
+    used = torch.tensor(float(logits.argmax(-1).unique().numel()), device=teacher.device)
     return {"teacher_entropy": entropy, "prototypes_used": used}
 
 

@@ -89,7 +89,8 @@ class DINO(nn.Module):
         student = list(self.head(features).chunk(2))
         temp = self.teacher_temp(progress)
         center = self.criterion.center  # before this batch updates it: the one the loss uses
-        self.monitors = {**feature_monitors(features), **teacher_monitors(teacher, center, temp)}
+        first_view = features[: len(global_views[0])]
+        self.monitors = {**feature_monitors(first_view), **teacher_monitors(teacher, center, temp)}
         if local_views:
             size = local_views[0].shape[-1]
             local_patch = patch_for_size(
