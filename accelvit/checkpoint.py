@@ -71,6 +71,9 @@ def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:
             f"run directory '{run_dir}' already holds a run: continue it with "
             f"`accelvit resume {run_dir}`, or pass --overwrite to start over"
         )
+    if overwrite and run_dir.exists() and not (run_dir / RECIPE).is_file() and any(run_dir.iterdir()):
+        # --overwrite replaces a run, never a folder that merely happens to be named
+        raise ConfigError(f"--overwrite: '{run_dir}' is not an accelvit run directory (no {RECIPE})")
     processes.wait_for_everyone()
     if processes.is_main_process:
         if overwrite and run_dir.exists():
@@ -255,8 +258,15 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     for name, last in ((METRICS, step), (DIAGNOSTICS, step - 1)):
         path = run_dir / name
         if path.exists():
-            lines = path.read_text().splitlines(keepends=True)
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last]
+            kept = []
+            for line in path.read_text().splitlines(keepends=True):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:  # a line torn by a crash mid-append
+                    warnings.warn(f"{path}: dropping a line that is not JSON: {line[:60]!r}", stacklevel=2)
+                    continue
+                if record is not None and record["step"] <= last:
+                    kept.append(line if line.endswith("\n") else line + "\n")
             write_atomic(path, "".join(kept))
 
 

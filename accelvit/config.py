@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -283,21 +284,54 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
     return cfg
 
 
-def read_yaml(path: str | Path, what: str = "recipe") -> dict:
-    """A YAML mapping; `!include FILE` (relative to this file's folder) inserts another file's mapping."""
+MAX_INCLUDE_DEPTH = 8
+MAX_YAML_NODES = 100_000  # a recipe is small; more nodes after alias expansion is an alias bomb
+
+
+def read_yaml(path: str | Path, what: str = "recipe", _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping; `!include FILE` inserts another file's mapping.
+
+    An included file is named relative to the including file and must lie inside the folder of the
+    recipe the chain started from (no absolute paths, no escaping with ..); include cycles, chains
+    deeper than MAX_INCLUDE_DEPTH, files that are not UTF-8 and alias expansions past MAX_YAML_NODES
+    are refused with one line.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} file not found: {path}")
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, resolved))
+        raise ConfigError(f"{path}: !include cycle ({cycle})")
+    if len(_chain) >= MAX_INCLUDE_DEPTH:
+        raise ConfigError(f"{path}: !include chain deeper than {MAX_INCLUDE_DEPTH} files")
+    chain = (*_chain, resolved)
+    root = chain[0].parent
 
     class Loader(yaml.SafeLoader):
         pass
 
     def include(loader: yaml.SafeLoader, node: yaml.Node) -> dict:
-        return read_yaml(path.parent / loader.construct_scalar(node), "included")
+        name = loader.construct_scalar(node)
+        target = path.parent / name
+        if Path(name).is_absolute() or not target.resolve().is_relative_to(root):
+            raise ConfigError(f"{path}: !include {_excerpt(name)}: must name a file inside {root}")
+        return read_yaml(target, "included", chain)
 
     Loader.add_constructor("!include", include)
     try:
-        data = yaml.load(path.read_text(), Loader=Loader)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        loader = Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+                raise ConfigError(f"{path}: YAML aliases expand to more than {MAX_YAML_NODES} nodes")
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -308,6 +342,18 @@ def read_yaml(path: str | Path, what: str = "recipe") -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a {what} must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes of the document with every alias expanded (aliases share nodes; the memo keeps it linear)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 1  # a recursive structure counts once per visit
+        if isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_expanded_size(n, memo) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    return memo[key]
 
 
 def _merge_schedule_file(raw: dict) -> None:
@@ -408,32 +454,34 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{key} = {value!r}: expected a list")
+            raise ConfigError(f"{key} = {_excerpt(value)}: expected a list")
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{key} = {value!r}: expected one of {list(typing.get_args(tp))}")
+            raise ConfigError(f"{key} = {_excerpt(value)}: expected one of {list(typing.get_args(tp))}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r}: expected true or false")
+            raise ConfigError(f"{key} = {_excerpt(value)}: expected true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r}: expected an integer")
+            raise ConfigError(f"{key} = {_excerpt(value)}: expected an integer")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e9 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r}: expected a number")
+            raise ConfigError(f"{key} = {_excerpt(value)}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {_excerpt(value)}: expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} = {value!r}: expected a string")
+            raise ConfigError(f"{key} = {_excerpt(value)}: expected a string")
         return value
     raise TypeError(f"unsupported recipe type {tp} for {key}")  # a bug in this module
 
@@ -444,7 +492,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
-        raise ConfigError(f"{key} = {value!r}: {why}")
+        raise ConfigError(f"{key} = {_excerpt(value)}: {why}")
+
+
+def _excerpt(value: Any, limit: int = 60) -> str:
+    """The value as an error message shows it: its repr, cut short (a recipe may include secrets)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
@@ -594,6 +648,7 @@ def _check_optim(op: OptimConfig) -> None:
 
 
 def _check_train(t: TrainConfig, model: ModelConfig) -> None:
+    _require(0 <= t.seed < 2**32, "train.seed", t.seed, "must be in [0, 2^32)")
     _require(
         (t.steps is None) != (t.budget is None),
         "train.steps",

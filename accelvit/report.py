@@ -172,9 +172,23 @@ def load_grad_report(path: Path, schema: str) -> dict:
         report = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not a readable grad-error report ({exc})") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"{path}: a grad-error report is a JSON object, got {type(report).__name__}")
     if report.get("schema") != schema:
         raise ConfigError(f"{path}: report schema {report.get('schema')!r}, this accelvit reads {schema!r}")
+    missing = [k for k in REPORT_KEYS if k not in report]
+    rows = report.get("strategies")
+    if missing or not isinstance(rows, list) or not rows:
+        raise ConfigError(f"{path}: not a complete grad-error report (missing {missing or ['strategies']})")
+    for i, row in enumerate(rows):
+        absent = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+        if absent:
+            raise ConfigError(f"{path}: strategies[{i}] lacks {absent}")
     return report
+
+
+REPORT_KEYS = ("model", "objective", "step", "progress", "batches", "strategies")
+ROW_KEYS = ("keep", "patch", "cost", "flops", "bias_sq", "variance", "variance_full", "ca_mse")
 
 
 def compare_table(reports: list[dict], labels: list[str]) -> str:

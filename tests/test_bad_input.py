@@ -51,6 +51,30 @@ def _missing_checkpoint(tmp, recipe):
     return ["export", str(tmp / "run"), "--checkpoint", "step_99", "-o", str(tmp / "out.safetensors")]
 
 
+def _overwrite_project(tmp, recipe):
+    (tmp / "project").mkdir()
+    (tmp / "project/notes.txt").write_text("not a run")
+    return ["pretrain", str(recipe), "-o", str(tmp / "project"), "--overwrite"]
+
+
+def _recipe_file(tmp, name: str, content: bytes | str) -> list[str]:
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return ["pretrain", str(path), "-o", str(tmp / "out")]
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(8)
+)
+
+
+def _report_file(tmp, content: str) -> list[str]:
+    (tmp / "r.json").write_text(content)
+    return ["compare", str(tmp / "r.json")]
+
+
 # (case, argv builder, message as in the README)
 CASES = [
     ("malformed YAML", _malformed, "bad.yaml: line 3, column 9: malformed YAML"),
@@ -110,6 +134,16 @@ CASES = [
     ("report of another schema", _old_report, "report schema 'accelvit.grad-error/0', this accelvit reads"),
     ("checkpoint that does not exist", _missing_checkpoint, "does not exist or is incomplete"),
     ("resume of a folder that is no run", lambda t, r: ["resume", str(t)], "is not a run directory"),
+    ("--overwrite of a folder that holds no run", _overwrite_project, "is not an accelvit run directory (no recipe.yaml)"),
+    ("non-finite number", lambda t, r: _pretrain(t, r, "optim.lr=.inf"), "optim.lr = inf: expected a finite number"),
+    ("seed out of range", lambda t, r: _pretrain(t, r, "train.seed=4294967296"), "train.seed = 4294967296: must be in [0, 2^32)"),
+    ("recipe that includes itself", lambda t, r: _recipe_file(t, "self.yaml", "model: !include self.yaml\n"), "!include cycle (self.yaml -> self.yaml)"),
+    ("include outside the recipe's folder", lambda t, r: _recipe_file(t, "abs.yaml", "model: !include /etc/hostname\n"), "must name a file inside"),
+    ("YAML alias bomb", lambda t, r: _recipe_file(t, "bomb.yaml", ALIAS_BOMB), "YAML aliases expand to more than 100000 nodes"),
+    ("recipe that is not UTF-8", lambda t, r: _recipe_file(t, "latin.yaml", b"model: {arch: caf\xe9}\n"), "not UTF-8 text (invalid continuation byte at byte 17)"),
+    ("report that is not an object", lambda t, r: _report_file(t, "null"), "a grad-error report is a JSON object, got NoneType"),
+    ("report with missing fields", lambda t, r: _report_file(t, '{"schema": "accelvit.grad-error/2", "strategies": []}'), "not a complete grad-error report"),
+    ("value shown only in part", lambda t, r: _pretrain(t, r, "data.dataset=imagefolder", "data.root=/" + "d" * 200), "dddddd...: dataset folder does not exist"),
 ]
 
 

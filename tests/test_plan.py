@@ -17,6 +17,8 @@ def report_at(progress: float, full_variance: float, rows: list[tuple]) -> dict:
     return {
         "schema": SCHEMA,
         "model": {"patch_size": 4, "image_size": 16},
+        "objective": "simclr",
+        "batches": 8,
         "step": int(progress * 100),
         "progress": progress,
         "strategies": [

@@ -320,3 +320,33 @@ def test_resume_of_a_checkpoint_that_does_not_exist(tmp_path, capsys):
     assert main(["resume", str(tmp_path / "nowhere")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, tiny_config):
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    uninterrupted = (run_dir / "metrics.jsonl").read_text()
+    # a power loss after the step-3 checkpoint: two more lines, the last one torn mid-append
+    lines = uninterrupted.splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text("".join(lines[:5]) + lines[5][:17])
+    shutil.rmtree(run_dir / "checkpoints/step_6")
+    with pytest.warns(UserWarning, match="dropping a line that is not JSON"):
+        pretrain(tiny_config, run_dir, resume=True)
+    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in resumed] == [
+        (r["step"], r["loss"]) for r in map(json.loads, uninterrupted.splitlines())
+    ]
+
+
+def test_overwrite_replaces_a_run_but_refuses_any_other_folder(tmp_path, tiny_recipe, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir)]) == 0
+    (run_dir / "stale.txt").write_text("from the old run")
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--overwrite"]) == 0
+    assert not (run_dir / "stale.txt").exists() and (run_dir / "checkpoints/step_6").is_dir()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "thesis.tex").write_text("years of work")
+    assert main(["pretrain", str(tiny_recipe), "-o", str(project), "--overwrite"]) == 2
+    assert (project / "thesis.tex").read_text() == "years of work" and len(list(project.iterdir())) == 1
