@@ -58,6 +58,9 @@ class TrainState:
     skipped_in_row: int = 0
     bad_files: int = 0  # unreadable images skipped (data.on_bad_file: skip), counted per read
     bad_file_examples: list[str] = field(default_factory=list)  # the first few, 'PATH: reason'
+    # the loss summed since the last log line (mean over processes), so that a resumed run logs the
+    # values an uninterrupted one does when log_every does not divide the checkpoint's step
+    partial_log: dict = field(default_factory=dict)
 
 
 def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:
@@ -69,7 +72,8 @@ def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:
     if (run_dir / RECIPE).exists() and not overwrite:
         raise ConfigError(
             f"run directory '{run_dir}' already holds a run: continue it with "
-            f"`accelvit resume {run_dir}`, or pass --overwrite to start over"
+            f"`accelvit resume {run_dir}` (from step 0 if it has no checkpoint yet), or pass --overwrite "
+            "to start over"
         )
     if overwrite and run_dir.exists() and not (run_dir / RECIPE).is_file() and any(run_dir.iterdir()):
         # --overwrite replaces a run, never a folder that merely happens to be named
@@ -284,11 +288,15 @@ def save(
         return None
 
 
-def resume_state(accelerator: Accelerator, run_dir: Path, identity: dict) -> TrainState:
-    """Model, optimizer and RNG states from the newest checkpoint; the log files cut back to it."""
+def resume_state(accelerator: Accelerator, run_dir: Path, identity: dict) -> TrainState | None:
+    """Model, optimizer and RNG states from the newest checkpoint, the log files cut back to it; None
+    for a run stopped before its first checkpoint (it starts again from step 0, its logs emptied)."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise ConfigError(f"'{run_dir}' has no complete checkpoint to resume from")
+        if accelerator.is_main_process:
+            truncate_metrics(run_dir, 0)
+            print(f"{run_dir} has no checkpoint yet: starting it from step 0", flush=True)
+        return None
     state = load_checkpoint(accelerator, checkpoint, identity)
     if accelerator.is_main_process:
         truncate_metrics(run_dir, state.step)

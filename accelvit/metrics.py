@@ -21,14 +21,20 @@ from accelvit.setting import Setting
 
 
 class Meter:
-    """Loss and timing accumulated between two log lines."""
+    """Loss and timing accumulated between two log lines; `partial` (a checkpoint's) continues one."""
 
-    def __init__(self) -> None:
+    def __init__(self, partial: dict | None = None) -> None:
         self.start = time.perf_counter()
-        self.loss_sum: torch.Tensor | float = 0.0
-        self.steps = 0
-        self.images = 0
+        partial = partial or {}
+        self.loss_sum: torch.Tensor | float = partial.get("loss_sum", 0.0)
+        self.steps = partial.get("steps", 0)
+        self.images = partial.get("images", 0)
         self.data_s = 0.0
+
+    def partial(self, accelerator: Accelerator) -> dict:
+        """What a checkpoint keeps of the log line in progress (every process must call it)."""
+        loss = accelerator.reduce(torch.as_tensor(self.loss_sum, dtype=torch.float32), "mean").item()
+        return {"loss_sum": loss, "steps": self.steps, "images": self.images}
 
     def add(self, loss: torch.Tensor, images: int) -> None:
         self.loss_sum = self.loss_sum + loss.float()

@@ -137,8 +137,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     shape = vit_shape(objective.backbone, cfg.model.image_size)
 
     # Resume: model, optimizer, RNG states and the TrainState come back from the checkpoint.
-    state = resume_state(accelerator, run_dir, identity) if resume else TrainState()
-    if not resume:
+    state = resume_state(accelerator, run_dir, identity) if resume else None
+    if state is None:
+        state = TrainState()
         set_seed(train.seed + accelerator.process_index)  # token dropout differs per process
 
     # Data, and the cost of a step in budget units per image (the budget's currency)
@@ -150,7 +151,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     grad_error_strategies, candidates = strategies(cfg)
     cost = build_cost(cfg, accelerator, model, images, run_dir, candidates)
 
-    stop, bar, meter = StopRequest(), progress_bar(train, state, main), Meter()
+    stop, bar, meter = StopRequest(), progress_bar(train, state, main), Meter(state.partial_log)
     warned = False  # a collapse warning is printed once a run
     try:
         while not finished(train, state.step, state.budget_spent):
@@ -207,6 +208,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             )
             if not finite and (train.on_nonfinite == "stop" or state.skipped_in_row + 1 >= train.max_skipped):
                 # stopping checkpoints the state before this step: the counters move only after it
+                state.partial_log = meter.partial(accelerator)
                 _stop_nonfinite(accelerator, run_dir, state, train, identity, loss, grad_norm)
             _count_step(state, finite, global_batch, step_units)
             if finite:
@@ -238,6 +240,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
             stopping = any_process(accelerator, stop.requested)
             done = finished(train, state.step, state.budget_spent)
             if due(state.step, train.checkpoint_every) or done or stopping:
+                state.partial_log = meter.partial(accelerator)
                 path = save(
                 accelerator, run_dir, state, train.keep_checkpoints, train.on_save_error, identity
             )

@@ -83,11 +83,16 @@ def test_run_dir_holding_a_run_is_refused(tmp_path, tiny_config):
         create_run_dir(run_dir, tiny_config)
 
 
-def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_config):
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(tmp_path, tiny_config, capsys):
+    fresh = tmp_path / "fresh"
+    create_run_dir(fresh, tiny_config)
+    pretrain(tiny_config, fresh)
     run_dir = tmp_path / "run"
     create_run_dir(run_dir, tiny_config)
-    with pytest.raises(ConfigError, match="no complete checkpoint"):
-        pretrain(tiny_config, run_dir, resume=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 9.9}\n')  # logged, then killed
+    result = pretrain(tiny_config, run_dir, resume=True)
+    assert "has no checkpoint yet: starting it from step 0" in capsys.readouterr().out
+    assert result.step == 6 and losses(run_dir) == losses(fresh)  # as if it had just been created
 
 
 def test_export_loads_into_timm(tmp_path, tiny_recipe):
@@ -161,3 +166,15 @@ def test_several_processes_need_an_explicit_run_dir(tiny_recipe, monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["pretrain", str(tiny_recipe)]) == 2
     assert "-o RUN_DIR is required when several processes" in capsys.readouterr().err
+
+
+def test_resumed_metrics_equal_uninterrupted_when_log_every_does_not_divide_the_checkpoint(tmp_path, tiny_config):
+    tiny_config.train.log_every = 4  # lines at steps 4 and 6; the resume starts from step 3
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    uninterrupted = losses(run_dir)
+    assert [step for step, _ in uninterrupted] == [4, 6]
+    shutil.rmtree(run_dir / "checkpoints/step_6")
+    pretrain(tiny_config, run_dir, resume=True)
+    assert losses(run_dir) == uninterrupted  # the line at step 4 averages steps 1-4 again
