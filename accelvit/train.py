@@ -121,7 +121,19 @@ class StopRequest:
 
 
 def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
-    """Pretrain the backbone of `cfg` in `run_dir` (created beforehand by `create_run_dir`)."""
+    """Pretrain the backbone of `cfg` in `run_dir` (created beforehand by `create_run_dir`).
+
+    SIGTERM and Ctrl-C are caught from the start: one that comes while the model, data and costs are
+    being set up stops the run at its first step's checkpoint.
+    """
+    stop = StopRequest()
+    try:
+        return _pretrain(cfg, run_dir, resume, stop)
+    finally:
+        stop.restore()
+
+
+def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> RunResult:
     accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
     train, main = cfg.train, accelerator.is_main_process
     global_batch = train.batch_size * accelerator.num_processes
@@ -151,7 +163,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     grad_error_strategies, candidates = strategies(cfg)
     cost = build_cost(cfg, accelerator, model, images, run_dir, candidates)
 
-    stop, bar, meter = StopRequest(), progress_bar(train, state, main), Meter(state.partial_log)
+    bar, meter = progress_bar(train, state, main), Meter(state.partial_log)
     warned = False  # a collapse warning is printed once a run
     try:
         while not finished(train, state.step, state.budget_spent):
@@ -250,7 +262,6 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
                     print(_stopped_message(train, state, run_dir, path), flush=True)
                 return RunResult(run_dir, state.step, stopped=True)
     finally:
-        stop.restore()
         bar.close()
     accelerator.wait_for_everyone()
     if main:

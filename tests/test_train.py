@@ -178,3 +178,33 @@ def test_resumed_metrics_equal_uninterrupted_when_log_every_does_not_divide_the_
     shutil.rmtree(run_dir / "checkpoints/step_6")
     pretrain(tiny_config, run_dir, resume=True)
     assert losses(run_dir) == uninterrupted  # the line at step 4 averages steps 1-4 again
+
+
+SLOW_SETUP = """
+import sys, time
+import accelvit.train as train
+
+real_load = train.load_dataset
+
+def load(*args, **kwargs):
+    print("loading", flush=True)
+    time.sleep(3)  # the SIGTERM arrives here, before the loop
+    return real_load(*args, **kwargs)
+
+train.load_dataset = load
+from accelvit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_setup_stops_at_the_first_checkpoint(tmp_path, tiny_recipe):
+    harness, run_dir = tmp_path / "harness.py", tmp_path / "run"
+    harness.write_text(SLOW_SETUP)
+    args = [sys.executable, str(harness), "pretrain", str(tiny_recipe), "-o", str(run_dir)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "loading"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped at step 1/6" in out and [p.name for p in list_checkpoints(run_dir)] == ["step_1"]
