@@ -101,9 +101,15 @@ class BadImageError(ConfigError):
     """
 
 
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of 16-bit grey images (PNG, TIFF)
+
+
 def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
+            if image.mode in SIXTEEN_BIT:  # PIL's convert clips these to 8 bits; scale them instead
+                values = np.asarray(image, dtype=np.float64) / 257.0
+                return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unreadable or truncated files
         raise BadImageError(f"{path}: {exc}") from None

@@ -162,3 +162,16 @@ def test_cifar10_splits_train_and_evaluate(tmp_path, tiny_recipe, monkeypatch):
     result = evaluate_run(tmp_path / "run")
     assert (result["train_size"], result["test_size"]) == (100, 20)
     assert 0 <= result["knn_top1"] <= 1
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from accelvit.data import open_rgb
+
+    ramp = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(open_rgb(str(tmp_path / "deep.png")))
+    assert rgb.shape == (16, 16, 3) and (rgb[..., 0] == np.arange(256).reshape(16, 16)).all()
