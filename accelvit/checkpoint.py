@@ -87,6 +87,19 @@ def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:
     processes.wait_for_everyone()
 
 
+def check_output(path: Path, what: str = "-o") -> Path:
+    """Refuse, before any work, an output that is not a regular file (a folder, a device) or that
+    cannot be written where it is to go."""
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{what} {path}: exists and is not a regular file")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{what} {path}: not writable")
+    return path
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(TMP_PREFIX + path.name)
     with open(tmp, "w") as f:

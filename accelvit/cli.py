@@ -95,12 +95,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _grad_error(args: argparse.Namespace) -> int:
     from accelvit.build import estimate
-    from accelvit.checkpoint import RECIPE, checkpoint_step
+    from accelvit.checkpoint import RECIPE, check_output, checkpoint_step
     from accelvit.config import patch_sizes
     from accelvit.export import resolve_checkpoint
     from accelvit.report import grad_table, write_grad_report
     from accelvit.setting import strategies_or_default
 
+    for suffix in (".json", ".md", ".png"):  # the report and the two files beside it
+        check_output(Path(args.output).with_suffix(suffix))
     source = Path(args.source)
     checkpoint, step = None, 0
     if source.is_dir():
@@ -132,9 +134,13 @@ def _grad_error(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from accelvit.checkpoint import check_output
     from accelvit.gradbias import SCHEMA
     from accelvit.report import compare_table, load_grad_report, plot_grad_report
 
+    for option in (args.output, args.plot):
+        if option:
+            check_output(Path(option))
     paths = [Path(p) for p in args.reports]
     reports = [load_grad_report(p, SCHEMA) for p in paths]
     labels = [p.stem for p in paths]
@@ -148,10 +154,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from accelvit.checkpoint import check_output
     from accelvit.gradbias import SCHEMA
     from accelvit.plan import format_plan, plan, plan_warnings, schedule_from_plan, write_schedule
     from accelvit.report import load_grad_report
 
+    check_output(Path(args.output))
     paths = [Path(p) for p in args.reports]
     reports = [load_grad_report(p, SCHEMA) for p in paths]
     bases = {r["model"]["patch_size"] for r in reports}
@@ -170,9 +178,10 @@ def _plan(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     import json
 
-    from accelvit.checkpoint import DIAGNOSTICS
+    from accelvit.checkpoint import DIAGNOSTICS, check_output
     from accelvit.report import diagnostics_table, plot_diagnostics
 
+    check_output(Path(args.output))
     runs = {}
     for run_dir in map(Path, args.run_dirs):
         path = run_dir / DIAGNOSTICS

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from accelvit.backbone import build_backbone
-from accelvit.checkpoint import RECIPE, checkpoint_step, write_atomic
+from accelvit.checkpoint import RECIPE, check_output, checkpoint_step, write_atomic
 from accelvit.compress import forward_features
 from accelvit.config import ConfigError, DataConfig, EvalConfig, ModelConfig, load_config
 from accelvit.data import load_dataset
@@ -186,6 +186,7 @@ def evaluate_run(
     """Evaluate a run's checkpoint; writes RUN_DIR/eval.json and returns its content."""
     if not (run_dir / RECIPE).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
+    check_output(run_dir / EVAL_FILE, "eval")  # before the minutes of feature extraction
     cfg = load_config(run_dir / RECIPE)
     if linear:
         cfg.eval.linear = True

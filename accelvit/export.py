@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from accelvit.arch import EXTRA_PARAMETERS
 from accelvit.backbone import timm_kwargs
-from accelvit.checkpoint import RECIPE, latest_checkpoint, verify_checkpoint
+from accelvit.checkpoint import RECIPE, check_output, latest_checkpoint, verify_checkpoint
 from accelvit.config import Config, ConfigError, load_config
 from accelvit.objectives import encoder_name
 
@@ -69,6 +69,7 @@ def export_backbone(
     """
     if not (run_dir / RECIPE).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
+    check_output(out)
     cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
     attribute = chosen_encoder(cfg, encoder)
@@ -84,6 +85,9 @@ def export_backbone(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".tmp-" + out.name)
-    save_file(backbone, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    try:
+        save_file(backbone, str(tmp), metadata=metadata)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only if the write failed
     return out

@@ -75,6 +75,25 @@ def _report_file(tmp, content: str) -> list[str]:
     return ["compare", str(tmp / "r.json")]
 
 
+def _trained_run(tmp, recipe):
+    cfg = load_config(recipe)
+    create_run_dir(tmp / "run", cfg)
+    pretrain(cfg, tmp / "run")
+    return tmp / "run"
+
+
+def _export_to_folder(tmp, recipe):
+    run = _trained_run(tmp, recipe)
+    (tmp / "folder").mkdir()
+    return ["export", str(run), "-o", str(tmp / "folder")]
+
+
+def _export_under_a_file(tmp, recipe):
+    run = _trained_run(tmp, recipe)
+    (tmp / "notes.txt").write_text("a file, not a folder")
+    return ["export", str(run), "-o", str(tmp / "notes.txt/backbone.safetensors")]
+
+
 # (case, argv builder, message as in the README)
 CASES = [
     ("malformed YAML", _malformed, "bad.yaml: line 3, column 9: malformed YAML"),
@@ -143,6 +162,9 @@ CASES = [
     ("recipe that is not UTF-8", lambda t, r: _recipe_file(t, "latin.yaml", b"model: {arch: caf\xe9}\n"), "not UTF-8 text (invalid continuation byte at byte 17)"),
     ("report that is not an object", lambda t, r: _report_file(t, "null"), "a grad-error report is a JSON object, got NoneType"),
     ("report with missing fields", lambda t, r: _report_file(t, '{"schema": "accelvit.grad-error/2", "strategies": []}'), "not a complete grad-error report"),
+    ("output that is a folder", _export_to_folder, "folder: exists and is not a regular file"),
+    ("output under a file", _export_under_a_file, "notes.txt is not a folder"),
+    ("output that is a device", lambda t, r: ["plan", str(t / "r.json"), "-o", "/dev/null"], "-o /dev/null: exists and is not a regular file"),
     ("value shown only in part", lambda t, r: _pretrain(t, r, "data.dataset=imagefolder", "data.root=/" + "d" * 200), "dddddd...: dataset folder does not exist"),
 ]
 
