@@ -18,6 +18,7 @@ mid-save never leaves a checkpoint that looks complete.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -218,7 +219,11 @@ def save_checkpoint(
         (tmp / STATE).write_text(json.dumps(dataclasses.asdict(state)))
         if identity is not None:
             (tmp / IDENTITY).write_text(json.dumps(identity, indent=1))
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            if p.is_file():
+                _fsync_file(p)  # every file is on disk before the manifest that vouches for it
+                files[p.name] = {"size": p.stat().st_size, "sha256": file_digest(p)}
         write_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=1))
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a stop right after a checkpoint)
@@ -236,6 +241,20 @@ def save_checkpoint(
     return final
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content (the manifest's check against silent corruption)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -245,16 +264,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Check that every file the manifest lists is there with its recorded size."""
+    """Check that every file the manifest lists is there with its recorded size and content hash.
+
+    (Manifests written before content hashes list sizes only; those are checked by size.)
+    """
     if not (path / MANIFEST).is_file():
         raise ConfigError(f"checkpoint '{path}' does not exist or is incomplete (no {MANIFEST})")
-    listed = json.loads((path / MANIFEST).read_text())["files"]
-    for name, size in listed.items():
+    try:
+        listed = json.loads((path / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"checkpoint '{path}' is damaged: unreadable {MANIFEST}") from None
+    for name, entry in listed.items():
+        size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
         actual = (path / name).stat().st_size if (path / name).is_file() else None
         if actual != size:
             raise ConfigError(
                 f"checkpoint '{path}' is damaged: {name} has {actual} bytes, manifest says {size}"
             )
+        if digest is not None and file_digest(path / name) != digest:
+            raise ConfigError(f"checkpoint '{path}' is damaged: {name} changed since it was saved")
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, identity: dict | None = None) -> TrainState:
@@ -262,8 +290,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path, identity: dict | None 
     verify_checkpoint(path)
     if identity is not None:
         check_identity(path, identity)
+    state = TrainState(**json.loads((path / STATE).read_text()))
+    if state.step != checkpoint_step(path):
+        raise ConfigError(f"checkpoint '{path}' is damaged: its {STATE} says step {state.step}")
     accelerator.load_state(str(path))
-    return TrainState(**json.loads((path / STATE).read_text()))
+    return state
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -305,6 +336,8 @@ def resume_state(accelerator: Accelerator, run_dir: Path, identity: dict) -> Tra
     """Model, optimizer and RNG states from the newest checkpoint, the log files cut back to it; None
     for a run stopped before its first checkpoint (it starts again from step 0, its logs emptied)."""
     checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None and list_checkpoints(run_dir):
+        raise ConfigError(f"'{run_dir}': every checkpoint is damaged (see the warnings); nothing resumed")
     if checkpoint is None:
         if accelerator.is_main_process:
             truncate_metrics(run_dir, 0)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from accelvit.checkpoint import create_run_dir, latest_checkpoint, list_checkpoints
+from accelvit.checkpoint import create_run_dir, file_digest, latest_checkpoint, list_checkpoints
 from accelvit.cli import main
 from accelvit.config import ConfigError, load_config
 from accelvit.data import StepBatchSampler
@@ -309,7 +309,10 @@ def test_resume_refuses_a_checkpoint_of_another_major_version(tmp_path, tiny_con
         identity = checkpoint / "identity.json"
         text = identity.read_text()
         version = json.loads(text)["accelvit"]
-        identity.write_text(text.replace(f'"{version}"', f'"9{version[1:]}"'))  # same size: manifest holds
+        identity.write_text(text.replace(f'"{version}"', f'"9{version[1:]}"'))
+        manifest = json.loads((checkpoint / "manifest.json").read_text())  # as that version wrote it
+        manifest["files"]["identity.json"] = {"size": identity.stat().st_size, "sha256": file_digest(identity)}
+        (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(["resume", str(run_dir)]) == 2
     err = capsys.readouterr().err
@@ -350,3 +353,44 @@ def test_overwrite_replaces_a_run_but_refuses_any_other_folder(tmp_path, tiny_re
     (project / "thesis.tex").write_text("years of work")
     assert main(["pretrain", str(tiny_recipe), "-o", str(project), "--overwrite"]) == 2
     assert (project / "thesis.tex").read_text() == "years of work" and len(list(project.iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("flip", "model.safetensors changed since it was saved"),
+        ("zero_rng", "random_states_0.pkl changed since it was saved"),
+        ("step", "trainer_state.json changed since it was saved"),
+    ],
+)
+def test_silent_corruption_is_caught_by_content_hash(tmp_path, tiny_config, damage, why):
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    uninterrupted = (run_dir / "checkpoints/step_6/model.safetensors").read_bytes()
+    newest = run_dir / "checkpoints/step_6"
+    if damage == "flip":  # one byte flipped in the weights, same size
+        data = bytearray((newest / "model.safetensors").read_bytes())
+        data[-10] ^= 0xFF
+        (newest / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "zero_rng":  # the RNG state zeroed, same size
+        rng = newest / "random_states_0.pkl"
+        rng.write_bytes(bytes(rng.stat().st_size))
+    else:  # a trainer state whose step disagrees with its folder, same size
+        state = newest / "trainer_state.json"
+        state.write_text(state.read_text().replace('"step": 6', '"step": 9'))
+    with pytest.warns(UserWarning, match=why):
+        assert latest_checkpoint(run_dir).name == "step_3"
+    with pytest.warns(UserWarning, match=why):
+        pretrain(tiny_config, run_dir, resume=True)  # from step 3, bit for bit
+    assert (run_dir / "checkpoints/step_6/model.safetensors").read_bytes() == uninterrupted
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path, tiny_config):
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    for checkpoint in list_checkpoints(run_dir):
+        (checkpoint / "model.safetensors").write_bytes(b"x" * (checkpoint / "model.safetensors").stat().st_size)
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="every checkpoint is damaged"):
+        pretrain(tiny_config, run_dir, resume=True)
