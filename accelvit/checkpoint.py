@@ -9,7 +9,7 @@ RUN_DIR/
   diagnostics.jsonl    attention entropy and condition numbers per block (train.diagnostics_every)
   checkpoints/step_N/  accelerate's `save_state` (model, optimizer, RNG states of every process)
                        + trainer_state.json (TrainState) + identity.json (accelvit version, model
-                       and objective) + manifest.json (files and sizes)
+                       and objective) + manifest.json (files, sizes, SHA-256)
 
 A checkpoint is written under a temporary name and renamed into place once complete, so a crash
 mid-save never leaves a checkpoint that looks complete.
