@@ -27,6 +27,7 @@ from accelvit.checkpoint import (
     GRAD_ERROR,
     METRICS,
     TrainState,
+    latest_checkpoint,
     resume_state,
     run_identity,
     save,
@@ -221,7 +222,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
             if not finite and (train.on_nonfinite == "stop" or state.skipped_in_row + 1 >= train.max_skipped):
                 # stopping checkpoints the state before this step: the counters move only after it
                 state.partial_log = meter.partial(accelerator)
-                _stop_nonfinite(accelerator, run_dir, state, train, identity, loss, grad_norm)
+                _stop_nonfinite(accelerator, objective, run_dir, state, train, identity, loss, grad_norm)
             _count_step(state, finite, global_batch, step_units)
             if finite:
                 meter.add(loss.detach(), global_batch)
@@ -315,19 +316,27 @@ def _grad_norm(accelerator: Accelerator, model: torch.nn.Module, clip: float | N
 
 
 def _stop_nonfinite(
-    accelerator, run_dir: Path, state: TrainState, train: TrainConfig, identity: dict, loss, norm
+    accelerator, objective, run_dir: Path, state: TrainState, train: TrainConfig, identity: dict, loss, norm
 ) -> None:
-    """Checkpoint the last good state (the weights before this step) unless it is saved, and stop."""
+    """Checkpoint the last good state (the weights before this step) unless it is saved, and stop.
+
+    Weights that are no longer finite themselves are no good state: the newest checkpoint is then it.
+    """
     existing = run_dir / CHECKPOINTS / f"step_{state.step}"
     path = existing if existing.is_dir() else None
-    if path is None and state.step > 0:
+    broken = any_process(accelerator, not all(bool(torch.isfinite(p).all()) for p in objective.parameters()))
+    if path is None and state.step > 0 and not broken:
         path = save(accelerator, run_dir, state, train.keep_checkpoints, train.on_save_error, identity)
+    elif broken:
+        path = latest_checkpoint(run_dir)
     why = (
         f"{state.skipped_in_row + 1} steps in a row (train.max_skipped)"
         if train.on_nonfinite == "skip"
         else "train.on_nonfinite: stop; 'skip' would skip such steps"
     )
-    saved = f"last good state: {path}" if path else "no step was completed, nothing saved"
+    saved = f"last good state: {path}" if path else "no good state was saved"
+    if broken:
+        saved = f"the weights are no longer finite; {saved}"
     raise NonFiniteError(
         f"step {state.step + 1}: non-finite loss {loss.item():.4g} or gradient norm {float(norm):.4g} "
         f"({why}); {saved}"

@@ -394,3 +394,22 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path, tiny_c
         (checkpoint / "model.safetensors").write_bytes(b"x" * (checkpoint / "model.safetensors").stat().st_size)
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="every checkpoint is damaged"):
         pretrain(tiny_config, run_dir, resume=True)
+
+
+def test_weights_that_are_no_longer_finite_are_not_saved_as_the_last_good_state(tmp_path, tiny_config):
+    from accelerate import Accelerator
+
+    from accelvit.build import build_model
+    from accelvit.checkpoint import TrainState, run_identity
+    from accelvit.train import _stop_nonfinite
+
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    model = build_model(tiny_config)
+    with torch.no_grad():
+        model.backbone.blocks[0].attn.qkv.weight[0, 0] = float("inf")  # an update blew a weight up
+    state, nan = TrainState(step=7), torch.tensor(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"the weights are no longer finite; last good state: .*step_6$"):
+        _stop_nonfinite(Accelerator(cpu=True), model, run_dir, state, tiny_config.train, run_identity(tiny_config), nan, nan)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_3", "step_6"]  # nothing saved
