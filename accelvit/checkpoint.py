@@ -17,12 +17,15 @@ mid-save never leaves a checkpoint that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +102,33 @@ def check_output(path: Path, what: str = "-o") -> Path:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ConfigError(f"{what} {path}: not writable")
     return path
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR's exclusive lock while a command writes into it (the main process takes it for
+    all); a second command on the same run gets one line naming the holder, not interleaved files."""
+    if not process_state().is_main_process:
+        yield
+        return
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"'{run_dir}' is in use by {holder}; wait for it or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"accelvit pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from accelvit.backbone import build_backbone
-    from accelvit.checkpoint import create_run_dir
+    from accelvit.checkpoint import create_run_dir, run_lock
     from accelvit.train import pretrain
 
     cfg = load_config(args.recipe, args.set)
@@ -27,7 +27,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         build_backbone(cfg.model)
     run_dir = Path(args.output) if args.output else _default_run_dir(Path(args.recipe))
     create_run_dir(run_dir, cfg, overwrite=args.overwrite)
-    pretrain(cfg, run_dir)
+    with run_lock(run_dir):
+        pretrain(cfg, run_dir)
     return 0
 
 
@@ -39,14 +40,15 @@ def _default_run_dir(recipe: Path) -> Path:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from accelvit.checkpoint import RECIPE
+    from accelvit.checkpoint import RECIPE, run_lock
     from accelvit.train import pretrain
 
     run_dir = Path(args.run_dir)
     if not (run_dir / RECIPE).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
     cfg = load_config(run_dir / RECIPE)
-    pretrain(cfg, run_dir, resume=True)
+    with run_lock(run_dir):
+        pretrain(cfg, run_dir, resume=True)
     return 0
 
 

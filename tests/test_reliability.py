@@ -413,3 +413,33 @@ def test_weights_that_are_no_longer_finite_are_not_saved_as_the_last_good_state(
     with pytest.raises(NonFiniteError, match=r"the weights are no longer finite; last good state: .*step_6$"):
         _stop_nonfinite(Accelerator(cpu=True), model, run_dir, state, tiny_config.train, run_identity(tiny_config), nan, nan)
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_3", "step_6"]  # nothing saved
+
+
+def test_a_second_command_on_a_run_in_use_gets_one_line(tmp_path, tiny_recipe, capsys):
+    import multiprocessing
+
+    from accelvit.checkpoint import run_lock
+
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--set", "train.steps=3"]) == 0
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold() -> None:  # another accelvit process working in the run
+        with run_lock(run_dir):
+            ready.set()
+            release.wait(60)
+
+    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(60)
+        before = (run_dir / "metrics.jsonl").read_text()
+        capsys.readouterr()
+        assert main(["resume", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"'{run_dir}' is in use by accelvit pid {holder.pid}" in err
+        assert (run_dir / "metrics.jsonl").read_text() == before
+    finally:
+        release.set()
+        holder.join(60)
+    assert main(["resume", str(run_dir)]) == 0  # the lock goes with its holder
