@@ -249,9 +249,11 @@ class StepBatchSampler:
             yield [self.key(g) for g in range(first, first + self.batch_size)]
 
 
-def _ignore_sigint(_: int) -> None:
-    # Ctrl-C reaches the whole process group; the training process handles it and stops cleanly.
+def _leave_stops_to_the_trainer(_: int) -> None:
+    # Ctrl-C, and SIGTERM from a scheduler, reach the whole process group; the training process
+    # handles them and checkpoints, which needs its workers alive until then.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(
@@ -267,7 +269,7 @@ def build_loader(
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        worker_init_fn=_ignore_sigint if workers > 0 else None,
+        worker_init_fn=_leave_stops_to_the_trainer if workers > 0 else None,
         # Its own generator, so creating the iterator does not advance the global torch RNG.
         generator=torch.Generator(),
     )

@@ -443,3 +443,24 @@ def test_a_second_command_on_a_run_in_use_gets_one_line(tmp_path, tiny_recipe, c
         release.set()
         holder.join(60)
     assert main(["resume", str(run_dir)]) == 0  # the lock goes with its holder
+
+
+def test_sigterm_to_the_process_group_stops_with_a_checkpoint(tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "accelvit.cli", "pretrain", str(tiny_recipe), "-o", str(run_dir),
+        "--set", "train.steps=100000", "--set", "train.checkpoint_every=100000", "--set", "data.workers=2",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a cluster scheduler does: the loader workers get it too
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    (checkpoint,) = list_checkpoints(run_dir)
+    assert "stopped at step" in out and "resume with" in out and checkpoint.name.startswith("step_")
