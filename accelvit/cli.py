@@ -307,5 +307,41 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-if __name__ == "__main__":
+class _BestEffort:
+    """A console stream whose writes never fail: output is a courtesy, the run is not. (Ctrl-C on
+    `accelvit pretrain ... | tee log` stops tee first; the next print must not cost the checkpoint.)"""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:  # BrokenPipeError and the like
+            self._detach()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._detach()
+
+    def _detach(self) -> None:
+        # point the descriptor at /dev/null, so that Python's own flush at exit does not fail either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def run() -> None:
+    """The console entry point: `main` with output that a closed pipe cannot break."""
+    sys.stdout, sys.stderr = _BestEffort(sys.stdout), _BestEffort(sys.stderr)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -464,3 +464,22 @@ def test_sigterm_to_the_process_group_stops_with_a_checkpoint(tmp_path, tiny_rec
     assert proc.returncode == 0, err
     (checkpoint,) = list_checkpoints(run_dir)
     assert "stopped at step" in out and "resume with" in out and checkpoint.name.startswith("step_")
+
+
+def test_a_closed_stdout_never_costs_the_stop_checkpoint(tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "accelvit.cli", "pretrain", str(tiny_recipe), "-o", str(run_dir),
+        "--set", "train.steps=100000", "--set", "train.checkpoint_every=100000",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.stdout.close()  # `| tee log`, with tee stopped by Ctrl-C before the run
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0  # the stop message went nowhere; the run stopped cleanly
+    (checkpoint,) = list_checkpoints(run_dir)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] >= 3
