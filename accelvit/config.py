@@ -506,6 +506,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 
     One check per section; enumerations are `Literal` types, which the loader already enforces.
     """
+    _check_sizes(cfg)
     _check_model(cfg.model)
     _check_data(cfg.data, check_paths)
     _check_objective(cfg.objective, cfg.model)
@@ -514,6 +515,34 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _check_train(cfg.train, cfg.model)
     _check_cost(cfg.cost)
     _check_eval(cfg.eval, cfg.objective.name)
+
+
+# Upper bounds on sizes: a typo such as a batch of 1e9 or 100,000 blocks must fail at once, not hang
+# allocating before anything is written. Each is far beyond what a ViT pretraining run uses.
+SIZE_LIMITS = {
+    "model.image_size": 4096,
+    "model.depth": 1024,
+    "model.embed_dim": 16384,
+    "model.num_heads": 1024,
+    "objective.hidden_dim": 1 << 20,
+    "objective.out_dim": 1 << 20,
+    "objective.bottleneck_dim": 1 << 20,
+    "objective.local_crops": 64,
+    "data.workers": 256,
+    "train.batch_size": 65536,
+    "train.grad_error_batches": 4096,
+    "schedule.adaptive_batches": 4096,
+    "eval.batch_size": 65536,
+}
+
+
+def _check_sizes(cfg: Config) -> None:
+    for key, limit in SIZE_LIMITS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value is None or value <= limit, key, value, f"must be at most {limit}")
+    for i, channels in enumerate(cfg.model.stem):
+        _require(channels <= 4096, f"model.stem[{i}]", channels, "must be at most 4096")
 
 
 def _check_model(m: ModelConfig) -> None:

@@ -165,6 +165,8 @@ CASES = [
     ("output that is a folder", _export_to_folder, "folder: exists and is not a regular file"),
     ("output under a file", _export_under_a_file, "notes.txt is not a folder"),
     ("output that is a device", lambda t, r: ["plan", str(t / "r.json"), "-o", "/dev/null"], "-o /dev/null: exists and is not a regular file"),
+    ("size that would hang", lambda t, r: _pretrain(t, r, "train.batch_size=1000000000"), "train.batch_size = 1000000000: must be at most 65536"),
+    ("depth that would hang", lambda t, r: _pretrain(t, r, "model.depth=100000"), "model.depth = 100000: must be at most 1024"),
     ("value shown only in part", lambda t, r: _pretrain(t, r, "data.dataset=imagefolder", "data.root=/" + "d" * 200), "dddddd...: dataset folder does not exist"),
 ]
 
