@@ -20,9 +20,11 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     from accelvit.backbone import build_backbone
     from accelvit.checkpoint import create_run_dir, run_lock
+    from accelvit.distributed import process_state
     from accelvit.train import pretrain
 
     cfg = load_config(args.recipe, args.set)
+    process_state(cfg.train.process_timeout)  # the process group, with the recipe's timeout
     with torch.device("meta"):  # a model timm cannot build fails before the run directory exists
         build_backbone(cfg.model)
     run_dir = Path(args.output) if args.output else _default_run_dir(Path(args.recipe))
@@ -41,12 +43,14 @@ def _default_run_dir(recipe: Path) -> Path:
 
 def _resume(args: argparse.Namespace) -> int:
     from accelvit.checkpoint import RECIPE, run_lock
+    from accelvit.distributed import process_state
     from accelvit.train import pretrain
 
     run_dir = Path(args.run_dir)
     if not (run_dir / RECIPE).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
     cfg = load_config(run_dir / RECIPE)
+    process_state(cfg.train.process_timeout)
     with run_lock(run_dir):
         pretrain(cfg, run_dir, resume=True)
     return 0

@@ -235,6 +235,9 @@ class TrainConfig:
         "stop", "non-finite loss or gradients: stop (checkpoint the last good state) or skip the step"
     )
     max_skipped: int = _doc(10, "on_nonfinite skip: stop after this many skipped steps in a row")
+    process_timeout: float = _doc(
+        600.0, "seconds a process waits for its peers at a collective before the run stops (a hung peer)"
+    )
     on_save_error: Literal["stop", "warn"] = _doc(
         "stop", "a checkpoint cannot be written (disk full, I/O error): stop or warn"
     )
@@ -678,6 +681,7 @@ def _check_optim(op: OptimConfig) -> None:
 
 def _check_train(t: TrainConfig, model: ModelConfig) -> None:
     _require(0 <= t.seed < 2**32, "train.seed", t.seed, "must be in [0, 2^32)")
+    _require(t.process_timeout > 0, "train.process_timeout", t.process_timeout, "must be positive")
     _require(
         (t.steps is None) != (t.budget is None),
         "train.steps",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import PartialState
@@ -27,6 +28,10 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, "max").item())
 
 
-def process_state() -> PartialState:
-    """accelerate's process group (gloo on CPU), created once and shared with the Accelerator."""
-    return PartialState(cpu=use_cpu())
+def process_state(timeout_s: float | None = None) -> PartialState:
+    """accelerate's process group (gloo on CPU), created once and shared with the Accelerator.
+
+    `timeout_s` (the first call's counts): how long a collective waits for a peer before failing.
+    """
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    return PartialState(cpu=use_cpu(), **kwargs)

@@ -12,11 +12,12 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from accelvit.backbone import vit_shape
 from accelvit.budget import finished, progress_of
@@ -135,7 +136,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
 
 def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> RunResult:
-    accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
+    # a hung peer stops the others after train.process_timeout, not torch's silent 30 minutes
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.process_timeout))
+    accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu(), kwargs_handlers=[timeout])
     train, main = cfg.train, accelerator.is_main_process
     global_batch = train.batch_size * accelerator.num_processes
     identity = run_identity(cfg)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,37 @@ def test_checkpoints_are_written_once_and_resume_with_two_or_one_process(runs):
     launch(tmp, 1, "resume", str(single))
     state = json.loads((single / "checkpoints/step_6/trainer_state.json").read_text())
     assert state["step"] == 6 and state["images_seen"] == 3 * 8 + 3 * 4
+
+
+HANGING_PEER = """
+import os, sys, time
+import accelvit.train as train
+
+real_load = train.load_dataset
+
+def load(*args, **kwargs):
+    if os.environ.get("RANK") == "1":
+        time.sleep(120)  # a peer that hangs (a stuck file system, a deadlock)
+    return real_load(*args, **kwargs)
+
+train.load_dataset = load
+from accelvit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_hung_peer_stops_the_run_after_the_process_timeout(tmp_path):
+    from tests.conftest import TINY, write_recipe
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    harness = tmp_path / "harness.py"
+    harness.write_text(HANGING_PEER)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+        str(harness), "pretrain", str(recipe), "-o", str(tmp_path / "run"), "--set", "train.process_timeout=5",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 90  # not torch's 30 minutes, nor the peer's 120 s
