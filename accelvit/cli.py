@@ -24,10 +24,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     from accelvit.train import pretrain
 
     cfg = load_config(args.recipe, args.set)
-    process_state(cfg.train.process_timeout)  # the process group, with the recipe's timeout
     with torch.device("meta"):  # a model timm cannot build fails before the run directory exists
         build_backbone(cfg.model)
     run_dir = Path(args.output) if args.output else _default_run_dir(Path(args.recipe))
+    process_state(cfg.train.process_timeout)  # the process group, with the recipe's timeout
     create_run_dir(run_dir, cfg, overwrite=args.overwrite)
     with run_lock(run_dir):
         pretrain(cfg, run_dir)
