@@ -27,8 +27,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # a model timm cannot build fails before the run directory exists
         build_backbone(cfg.model)
     run_dir = Path(args.output) if args.output else _default_run_dir(Path(args.recipe))
-    process_state(cfg.train.process_timeout)  # the process group, with the recipe's timeout
+    processes = process_state(cfg.train.process_timeout)  # the process group, with the recipe's timeout
     create_run_dir(run_dir, cfg, overwrite=args.overwrite)
+    if processes.is_main_process:
+        print(f"run directory: {run_dir}", flush=True)
     with run_lock(run_dir):
         pretrain(cfg, run_dir)
     return 0
@@ -86,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
     from accelvit.evaluate import EVAL_FILE, evaluate_run
 
     run_dir = Path(args.run_dir)
-    result = evaluate_run(run_dir, args.checkpoint, args.linear, args.pixels, args.encoder)
+    result = evaluate_run(run_dir, args.checkpoint, args.linear, args.pixels, args.encoder, args.set)
     print(
         f"step {result['step']} ({result['encoder']}): kNN top-1 {result['knn_top1']:.4f} "
         f"(k={result['k']}, {result['train_size']} train / {result['test_size']} test images)"
@@ -257,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear", action="store_true", help="also train a linear probe")
     p.add_argument("--pixels", action="store_true", help="also the raw-pixel kNN baseline")
     encoder_option(p)
+    overrides(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("grad-error", help="compare compressed and full-input gradients")

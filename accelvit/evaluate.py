@@ -182,12 +182,19 @@ def evaluate_run(
     linear: bool = False,
     pixels: bool = False,
     encoder: str | None = None,
+    overrides: list[str] = (),
 ) -> dict:
-    """Evaluate a run's checkpoint; writes RUN_DIR/eval.json and returns its content."""
+    """Evaluate a run's checkpoint; writes RUN_DIR/eval.json and returns its content.
+
+    `overrides`: `eval.*` keys (`--set eval.k=10`); the model and data are the run's own.
+    """
     if not (run_dir / RECIPE).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
+    for item in overrides:
+        if not item.startswith("eval."):
+            raise ConfigError(f"--set {item.partition('=')[0]}: eval takes eval.* keys only")
     check_output(run_dir / EVAL_FILE, "eval")  # before the minutes of feature extraction
-    cfg = load_config(run_dir / RECIPE)
+    cfg = load_config(run_dir / RECIPE, list(overrides))
     if linear:
         cfg.eval.linear = True
     vit, step = load_backbone(run_dir, checkpoint, encoder)

@@ -84,3 +84,16 @@ def test_eval_of_missing_checkpoint_is_a_clear_error(tmp_path, tiny_recipe, caps
     assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir)]) == 0
     assert main(["eval", str(run_dir), "--checkpoint", "step_99"]) == 2
     assert "step_99' does not exist" in capsys.readouterr().err
+
+
+def test_eval_takes_eval_keys_from_the_command_line(tmp_path, tiny_recipe, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"run directory: {run_dir}\n")  # said when the run starts
+    assert main(["eval", str(run_dir), "--set", "eval.k=5", "--set", "eval.test_limit=16"]) == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["k"] == 5 and result["test_size"] == 16
+    assert (run_dir / "recipe.yaml").read_text().count("k: 20") == 1  # the run's recipe is left as it was
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--set", "model.depth=3"]) == 2
+    assert "--set model.depth: eval takes eval.* keys only" in capsys.readouterr().err

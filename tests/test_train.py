@@ -203,6 +203,7 @@ def test_sigterm_during_setup_stops_at_the_first_checkpoint(tmp_path, tiny_recip
     args = [sys.executable, str(harness), "pretrain", str(tiny_recipe), "-o", str(run_dir)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("run directory: ")
     assert proc.stdout.readline().strip() == "loading"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
