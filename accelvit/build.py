@@ -121,9 +121,7 @@ def estimate(
     """Run the estimator for `cfg` (weights from `checkpoint`, else a fresh init); returns a report."""
     accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu())
     set_seed(cfg.train.seed)
-    model = OBJECTIVES[cfg.objective.name].build(
-        cfg.objective, build_backbone(cfg.model), cfg.schedule.dropout_views
-    )
+    model = build_model(cfg)
     progress = 0.0
     if checkpoint is not None:
         model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))

@@ -19,14 +19,13 @@ checkpoint, summed from the run's metrics.jsonl (step and data time, not evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import REPO, RESULTS, SMOKE_SCORED, device, untrained_knn, write_result  # noqa: E402
-from benchmarks.runs import recipe_digest, train_run, training_minutes  # noqa: E402
+from benchmarks.runs import cached_rows, recipe_digest, train_run, training_minutes  # noqa: E402
 
 if TYPE_CHECKING:
     from accelvit.config import TrainConfig
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = Path(args.runs) / ("smoke" if args.smoke else "")
     out = args.output or str(RESULTS / f"learning{'-smoke' if args.smoke else ''}-{device().type}.json")
-    done = {(r["run_recipe"], r["step"]): r for r in _previous_rows(out)}
+    done = cached_rows(out)
     rows: list[dict] = []
     floors: dict[str, dict] = {}
     for name in args.objectives.split(","):
@@ -115,10 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
     plot(rows, Path(out).with_suffix(".png"))
     return _write(rows, floors, seeds, out, runs)
 
-
-def _previous_rows(out: str) -> list[dict]:
-    path = Path(out)
-    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
 
 
 def _write(rows: list[dict], floors: dict, seeds: list[int], out: str, runs: Path) -> dict:

@@ -68,6 +68,13 @@ def final_step(run_dir: Path) -> int:
     return int(last.name.removeprefix("step_"))
 
 
+def cached_rows(out: str | Path) -> dict[tuple[str, int], dict]:
+    """The rows a benchmark's JSON already holds, keyed by (run recipe digest, step): reused, not rescored."""
+    path = Path(out)
+    rows = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    return {(r["run_recipe"], r["step"]): r for r in rows}
+
+
 def scored_run(recipe: Path, overrides: list[str], run_dir: Path, cache: dict, fields: dict) -> dict:
     """Train `run_dir` to its end and score its final checkpoint (kNN and a linear probe) into a row
     that starts with `fields`, or take the row from `cache` ((recipe digest, step) -> row) when the

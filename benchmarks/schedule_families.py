@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import REPO, RESULTS, device, write_result  # noqa: E402
-from benchmarks.runs import scored_run, train_run, training_minutes  # noqa: E402
+from benchmarks.runs import cached_rows, scored_run, train_run, training_minutes  # noqa: E402
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
 
 FAMILIES = ("uncompressed", "curriculum", "constant", "random", "plan", "adaptive")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     suffix = "" if size == "cpu" else f"-{size}"
     out = args.output or str(RESULTS / f"schedule_families{suffix}-{device().type}.json")
-    cache = {(r["run_recipe"], r["step"]): r for r in _previous_rows(out)}
+    cache = cached_rows(out)
     rows: list[dict] = []
     for name in args.objectives.split(","):
         baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
@@ -191,10 +191,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(rows))
     return write_result("schedule_families", {"size": size, "rows": rows}, out)
 
-
-def _previous_rows(out: str) -> list[dict]:
-    path = Path(out)
-    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
 
 
 def format_table(rows: list[dict]) -> str:

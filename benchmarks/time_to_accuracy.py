@@ -32,7 +32,7 @@ from benchmarks.common import (  # noqa: E402
     untrained_knn,
     write_result,
 )
-from benchmarks.runs import scored_run  # noqa: E402
+from benchmarks.runs import cached_rows, scored_run  # noqa: E402
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 GPU = [
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = Path(args.runs) / ("" if size == "cpu" else size)
     name = "time_to_accuracy" + ("" if size == "cpu" else f"-{size}")
     out = args.output or str(RESULTS / f"{name}-{device().type}.json")
-    cache = {(r["run_recipe"], r["step"]): r for r in _previous_rows(out)}
+    cache = cached_rows(out)
     rows: list[dict] = []
     summary: dict[str, dict] = {}
 
@@ -173,12 +173,6 @@ def main(argv: list[str] | None = None) -> dict:
     plot(rows, summary, Path(out).with_suffix(".png"))
     return _write(rows, summary, out, runs, size)
 
-
-def _previous_rows(out: str) -> list[dict]:
-    import json
-
-    path = Path(out)
-    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
 
 
 def _write(rows: list[dict], summary: dict, out: str, runs: Path, size: str) -> dict:
