@@ -24,11 +24,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from accelvit import __version__
@@ -99,9 +101,24 @@ def check_output(path: Path, what: str = "-o") -> Path:
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise ConfigError(f"{what} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not _writable(parent) or (path.exists() and not _writable(path)):
         raise ConfigError(f"{what} {path}: not writable")
     return path
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` (a file, or a folder to create one in) takes a write, tried for real: os.access
+    answers yes to root on immutable files and folders, and misses other refusals (quotas, mounts)."""
+    try:
+        if path.is_dir():
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        else:
+            with open(path, "r+b"):  # opened for writing, neither truncated nor changed
+                pass
+    except OSError:
+        return False
+    return True
 
 
 LOCK = ".lock"
@@ -324,7 +341,28 @@ def load_checkpoint(accelerator: Accelerator, path: Path, identity: dict | None 
     if state.step != checkpoint_step(path):
         raise ConfigError(f"checkpoint '{path}' is damaged: its {STATE} says step {state.step}")
     accelerator.load_state(str(path))
+    check_rng_restored(path, accelerator.process_index)
     return state
+
+
+def check_rng_restored(path: Path, process: int) -> None:
+    """Raise ConfigError unless this process's RNG state now equals the one saved in `path`.
+
+    accelerate's `load_state` only logs a failed RNG load at info level and goes on, and the resume
+    is then silently not exact. A state saved by fewer processes than now resume has none for this
+    one: a warning, since such a resume cannot be exact anyway.
+    """
+    rng_file = path / f"random_states_{process}.pkl"
+    if not rng_file.is_file():
+        warnings.warn(f"{path} holds no RNG state of process {process}: it starts afresh", stacklevel=2)
+        return
+    try:
+        saved = torch.load(rng_file, weights_only=False)["torch_manual_seed"]
+        restored = torch.equal(saved, torch.get_rng_state())
+    except Exception as exc:  # any unpickling or format error: the file is not an RNG state
+        raise ConfigError(f"checkpoint '{path}': {rng_file.name} cannot be loaded ({exc!r:.60})") from None
+    if not restored:
+        raise ConfigError(f"checkpoint '{path}': {rng_file.name} was not restored; the resume would differ")
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

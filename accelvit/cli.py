@@ -306,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as exc:
         from accelvit.checkpoint import SaveError
+        from accelvit.distributed import PeerTimeout
         from accelvit.train import NonFiniteError
 
-        if isinstance(exc, (NonFiniteError, SaveError)):
+        if isinstance(exc, (NonFiniteError, SaveError, PeerTimeout)):
             print(f"accelvit: stopped: {exc}", file=sys.stderr)
             return 1
         raise

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
@@ -37,7 +38,14 @@ from accelvit.checkpoint import (
 from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig
 from accelvit.data import load_dataset
 from accelvit.diagnostics import measure_blocks, probe_batch
-from accelvit.distributed import any_process, use_cpu
+from accelvit.distributed import (
+    PeerTimeout,
+    any_process,
+    is_timeout,
+    report_position,
+    stalled_message,
+    use_cpu,
+)
 from accelvit.evaluate import evaluate_backbone
 from accelvit.metrics import Meter, advance, append_jsonl, log_record, progress_bar, show
 from accelvit.monitor import collapse_warning
@@ -131,6 +139,10 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
     stop = StopRequest()
     try:
         return _pretrain(cfg, run_dir, resume, stop)
+    except RuntimeError as exc:
+        if is_timeout(exc) and dist.is_initialized():
+            raise PeerTimeout(stalled_message(cfg.train.process_timeout)) from exc
+        raise
     finally:
         stop.restore()
 
@@ -144,6 +156,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
     identity = run_identity(cfg)
 
     # Model, identical on every process (same seed); DDP keeps it so.
+    report_position(-3, "building the model")
     set_seed(train.seed)
     sync = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
     model = build_model(cfg, sync_batch_norm=sync)  # batch norm over the global batch, as the references
@@ -159,12 +172,14 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
         set_seed(train.seed + accelerator.process_index)  # token dropout differs per process
 
     # Data, and the cost of a step in budget units per image (the budget's currency)
+    report_position(-2, "loading the data")
     images = load_dataset(cfg.data, train=True)
     stream = build_stream(cfg, images, accelerator, state.step)
     probe = None
     if train.diagnostics_every:  # the fixed batch the attention diagnostics are measured on
         probe = probe_batch(images, cfg.model.image_size).to(accelerator.device)
     grad_error_strategies, candidates = strategies(cfg)
+    report_position(-1, "measuring step costs")
     cost = build_cost(cfg, accelerator, model, images, run_dir, candidates)
 
     bar, meter = progress_bar(train, state, main), Meter(state.partial_log)
@@ -172,6 +187,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
     try:
         while not finished(train, state.step, state.budget_spent):
             progress = progress_of(train, state.step, state.budget_spent)
+            report_position(state.step, f"step {state.step + 1}")
 
             # Data (time spent waiting for it is data_s)
             tick = time.perf_counter()
@@ -258,8 +274,8 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
             if due(state.step, train.checkpoint_every) or done or stopping:
                 state.partial_log = meter.partial(accelerator)
                 path = save(
-                accelerator, run_dir, state, train.keep_checkpoints, train.on_save_error, identity
-            )
+                    accelerator, run_dir, state, train.keep_checkpoints, train.on_save_error, identity
+                )
             if stopping and not done:
                 bar.close()
                 if main:
@@ -298,8 +314,7 @@ def _done_message(state: TrainState, run_dir: Path) -> str:
     examples = "; ".join(state.bad_file_examples)
     skipped = f"skipped {state.bad_files} reads of unreadable images, e.g. {examples}\n"
     return (
-        (skipped if state.bad_files else "")
-        + f"done: {state.step} steps, {state.images_seen} images, "
+        (skipped if state.bad_files else "") + f"done: {state.step} steps, {state.images_seen} images, "
         f"{state.budget_spent:.4g} budget units\n"
         f"run: {run_dir}\nmetrics: {run_dir / METRICS}\n"
         f"export the backbone: accelvit export {run_dir} -o backbone.safetensors"

@@ -183,6 +183,23 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, tiny_recipe, cap
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
+def test_an_output_folder_that_refuses_writes_is_refused_before_any_work(tmp_path, capsys):
+    # root passes os.access on anything; an immutable folder (chattr +i) refuses the write for real
+    import subprocess
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        assert main(["plan", str(tmp_path / "r.json"), "-o", str(locked / "plan.json")]) == 2
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    err = capsys.readouterr().err
+    assert err == f"accelvit: error: -o {locked / 'plan.json'}: not writable\n"
+    assert list(locked.iterdir()) == []
+
+
 def test_the_readme_table_lists_every_case():
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("### Bad input") :]

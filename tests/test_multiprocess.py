@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,3 +159,9 @@ def test_a_hung_peer_stops_the_run_after_the_process_timeout(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     assert time.monotonic() - start < 90  # not torch's 30 minutes, nor the peer's 120 s
+    # one line naming the stalled process and where it was, instead of gloo's traceback
+    assert re.search(
+        r"accelvit: stopped: a peer process did not answer within train.process_timeout=5 s: "
+        r"process 1 was at loading the data \(last heard from \d+ s ago\); the others were at step 1\n",
+        result.stderr,
+    ), result.stderr[-3000:]

@@ -386,6 +386,26 @@ def test_silent_corruption_is_caught_by_content_hash(tmp_path, tiny_config, dama
     assert (run_dir / "checkpoints/step_6/model.safetensors").read_bytes() == uninterrupted
 
 
+def test_an_intact_rng_state_that_cannot_be_loaded_is_an_error_not_an_info_line(tmp_path, tiny_config):
+    # accelerate logs a failed RNG load at info level and goes on: the resume would silently not be
+    # exact. A file that matches its manifest (saved so) but holds no RNG state must stop the resume.
+    from accelvit.checkpoint import MANIFEST, file_digest
+
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    newest = run_dir / "checkpoints/step_6"
+    rng = newest / "random_states_0.pkl"
+    torch.save({"numpy_random_seed": None}, rng)
+    manifest = json.loads((newest / MANIFEST).read_text())
+    manifest["files"]["random_states_0.pkl"] = {"size": rng.stat().st_size, "sha256": file_digest(rng)}
+    (newest / MANIFEST).write_text(json.dumps(manifest))
+    before = (newest / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"step_6': random_states_0.pkl cannot be loaded \(KeyError"):
+        pretrain(tiny_config, run_dir, resume=True)
+    assert (newest / "model.safetensors").read_bytes() == before
+
+
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path, tiny_config):
     run_dir = tmp_path / "run"
     create_run_dir(run_dir, tiny_config)
