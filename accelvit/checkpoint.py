@@ -121,6 +121,19 @@ def _writable(path: Path) -> bool:
     return True
 
 
+def discard_unstarted(run_dir: Path, before: set[Path] | None) -> None:
+    """Remove what a run that stopped on bad input before its first step wrote (no checkpoint, no log
+    line), so that it leaves nothing behind; `before`: the folder's entries before the command, None
+    if it created the folder. A run that took a step is kept."""
+    if list_checkpoints(run_dir) or (run_dir / METRICS).exists():
+        return
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in set(run_dir.iterdir()) - before:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 LOCK = ".lock"
 
 

@@ -150,7 +150,21 @@ def load_dataset(cfg: DataConfig, train: bool = True, limited: bool = True) -> D
         raise ConfigError(f"data.root = '{cfg.root}': the dataset is empty")
     if train and limited and cfg.limit is not None and cfg.limit < len(ds):
         ds = Subset(ds, range(cfg.limit))
+    _check_readable(ds)
     return ds
+
+
+def _check_readable(ds: Dataset) -> None:
+    """Refuse, before a run starts, a dataset of which no image decodes (one decode when the first
+    does; unreadable ones among readable are the loop's to skip, `data.on_bad_file`)."""
+    first = ""
+    for index in range(len(ds)):
+        try:
+            ds[index]
+            return
+        except BadImageError as exc:
+            first = first or str(exc)
+    raise BadImageError(f"no image of the dataset can be read (first: {first})")
 
 
 @contextlib.contextmanager

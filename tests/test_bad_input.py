@@ -34,6 +34,12 @@ def _empty_folder(tmp, recipe):
     return _pretrain(tmp, recipe, "data.dataset=imagefolder", f"data.root={tmp / 'empty'}")
 
 
+def _unreadable_images(tmp, recipe):
+    (tmp / "images/cls").mkdir(parents=True)
+    (tmp / "images/cls/a.png").write_text("not an image")
+    return _pretrain(tmp, recipe, "data.dataset=imagefolder", f"data.root={tmp / 'images'}")
+
+
 def _existing_run(tmp, recipe):
     create_run_dir(tmp / "run", load_config(recipe))
     return ["pretrain", str(recipe), "-o", str(tmp / "run")]
@@ -149,6 +155,7 @@ CASES = [
         "data.root = '/nonexistent/images': dataset folder does not exist",
     ),
     ("empty dataset folder", _empty_folder, "the dataset folder holds no files"),
+    ("image folder without a readable image", _unreadable_images, "no image of the dataset can be read (first: "),
     ("run directory holding a run", _existing_run, "already holds a run: continue it with `accelvit resume"),
     ("report of another schema", _old_report, "report schema 'accelvit.grad-error/0', this accelvit reads"),
     ("checkpoint that does not exist", _missing_checkpoint, "does not exist or is incomplete"),
