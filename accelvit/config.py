@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -31,6 +32,10 @@ from accelvit.setting import (
 Dataset = Literal["fashion-mnist", "cifar10", "imagefolder", "synthetic"]
 Shape = Literal["constant", "linear", "cosine", "step", "random"]
 DATASETS, SHAPES = typing.get_args(Dataset), typing.get_args(Shape)
+# accelerate's trackers, each named as the package it needs
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
+]
 ObjectiveName = Literal["dino", "mocov3", "simclr"]  # the keys of accelvit.objectives.OBJECTIVES (tested)
 
 
@@ -240,6 +245,9 @@ class TrainConfig:
     )
     on_save_error: Literal["stop", "warn"] = _doc(
         "stop", "a checkpoint cannot be written (disk full, I/O error): stop or warn"
+    )
+    log_with: list[Tracker] = _doc(
+        [], "experiment trackers (accelerate's) mirroring metrics.jsonl, e.g. [tensorboard]; installed apart"
     )
 
 
@@ -682,6 +690,13 @@ def _check_optim(op: OptimConfig) -> None:
 def _check_train(t: TrainConfig, model: ModelConfig) -> None:
     _require(0 <= t.seed < 2**32, "train.seed", t.seed, "must be in [0, 2^32)")
     _require(t.process_timeout > 0, "train.process_timeout", t.process_timeout, "must be positive")
+    for name in t.log_with:
+        _require(
+            importlib.util.find_spec(name) is not None,
+            "train.log_with",
+            t.log_with,
+            f"{name} is not installed (pip install {name}; TensorBoard: pip install 'accelvit[tensorboard]')",
+        )
     _require(
         (t.steps is None) != (t.budget is None),
         "train.steps",

@@ -54,6 +54,7 @@ from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
 from accelvit.schedule import current_setting, due, due_points, lr_at, weight_decay_at
 from accelvit.setting import Setting, setting_of, stem_stride
+from accelvit.trackers import finish_trackers, log_grad_report, log_scalars, start_trackers
 
 
 @dataclass
@@ -150,7 +151,13 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> RunResult:
     # a hung peer stops the others after train.process_timeout, not torch's silent 30 minutes
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.process_timeout))
-    accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=use_cpu(), kwargs_handlers=[timeout])
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.precision,
+        cpu=use_cpu(),
+        kwargs_handlers=[timeout],
+        log_with=cfg.train.log_with or None,
+        project_dir=str(run_dir),
+    )
     train, main = cfg.train, accelerator.is_main_process
     global_batch = train.batch_size * accelerator.num_processes
     identity = run_identity(cfg)
@@ -170,6 +177,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
     if state is None:
         state = TrainState()
         set_seed(train.seed + accelerator.process_index)  # token dropout differs per process
+    start_trackers(accelerator, cfg, run_dir, state.step)
 
     # Data, and the cost of a step in budget units per image (the budget's currency)
     report_position(-2, "loading the data")
@@ -210,6 +218,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
                 state.grad_error_done.append(point)
                 if main:
                     write_grad_report(report, run_dir / GRAD_ERROR / f"step_{state.step}.json")
+                    log_grad_report(accelerator, report)
 
             # Adaptive schedule: at each stage, measure the candidates and switch to the best one
             if cfg.schedule.mode == "adaptive":
@@ -254,6 +263,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
                 warning = collapse_warning(record, shape.embed_dim) if record["progress"] >= 0.1 else None
                 if main:
                     append_jsonl(run_dir / METRICS, record)
+                    log_scalars(accelerator, record)
                     show(bar, record, setting)
                     if warning and not warned:
                         bar.write(f"warning: {warning}")
@@ -264,7 +274,9 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
                 if main:
                     encoder = getattr(objective, encoder_name(cfg.objective.name, cfg.eval.encoder))
                     result = evaluate_backbone(encoder, cfg.model, cfg.data, cfg.eval, accelerator.device)
-                    append_jsonl(run_dir / METRICS, {"step": state.step, "knn_top1": result["knn_top1"]})
+                    record = {"step": state.step, "knn_top1": result["knn_top1"]}
+                    append_jsonl(run_dir / METRICS, record)
+                    log_scalars(accelerator, record)
                     bar.write(f"step {state.step}: kNN top-1 {result['knn_top1']:.4f}")
                 accelerator.wait_for_everyone()
 
@@ -283,6 +295,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
                 return RunResult(run_dir, state.step, stopped=True)
     finally:
         bar.close()
+        finish_trackers(accelerator)
     accelerator.wait_for_everyone()
     if main:
         print(_done_message(state, run_dir), flush=True)

@@ -38,6 +38,7 @@ FLOORS = {
     "accelvit.timing": 7,
     "accelvit.evaluate": 8,
     "accelvit.diagnostics": 9,
+    "accelvit.trackers": 9,
     "accelvit.build": 10,
     "accelvit.train": 11,
     "accelvit.cli": 12,
