@@ -90,6 +90,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from accelvit.embed import check_format, embed_folder, image_files, load_encoder, write_embeddings
+
+    out, folder = Path(args.output), Path(args.data)
+    check_format(out)  # before the minutes of feature extraction
+    files = image_files(folder)
+    vit, model = load_encoder(Path(args.source), args.checkpoint, args.encoder)
+    features = embed_folder(vit, model, files, args.batch_size, args.workers)
+    names = [str(p.relative_to(folder)) for p in files]
+    written = write_embeddings(out, names, features)
+    print(f"{len(files)} embeddings of {features.shape[1]} dimensions: {', '.join(map(str, written))}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from accelvit.evaluate import EVAL_FILE, evaluate_run
 
@@ -258,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint name, e.g. step_500 (default: newest)")
     encoder_option(p)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("embed", help="feature vectors of a folder of images (.npy + paths, .csv, .parquet)")
+    p.add_argument("source", help="a run directory or a .safetensors file of accelvit export")
+    p.add_argument("--data", required=True, help="a folder of images (class sub-folders or not)")
+    p.add_argument("-o", "--output", required=True, help="OUT.npy (+ OUT.paths.txt), OUT.csv or OUT.parquet")
+    p.add_argument("--checkpoint", help="checkpoint name, e.g. step_500 (default: newest)")
+    p.add_argument("--batch-size", type=int, default=256, help="images a batch (default 256)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
+    encoder_option(p)
+    p.set_defaults(func=_embed)
 
     p = sub.add_parser("eval", help="kNN top-1 of a run's backbone on its dataset's labelled splits")
     p.add_argument("run_dir")

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightly.transforms.utils import IMAGENET_NORMALIZE
-from lightly.utils.benchmarking import knn_predict
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
+from tqdm import tqdm
 
 from accelvit.backbone import build_backbone
 from accelvit.checkpoint import RECIPE, check_output, checkpoint_step, write_atomic
@@ -67,9 +67,16 @@ def labelled_splits(data: DataConfig, cfg: EvalConfig) -> tuple[Dataset, Dataset
 
 @torch.no_grad()
 def extract_features(
-    encode, images: Dataset, image_size: int, batch_size: int, device: torch.device, workers: int = 0
+    encode,
+    images: Dataset,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    progress: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features (N, D) of `encode(batch)` and labels (N,) over a labelled dataset."""
+    """L2-normalised features (N, D) of `encode(batch)` and labels (N,) over a labelled dataset;
+    `progress`: the label of a progress bar (none by default: inside a run the step bar is shown)."""
     loader = DataLoader(
         Transformed(images, eval_transform(image_size)),
         batch_size=batch_size,
@@ -77,7 +84,7 @@ def extract_features(
         generator=torch.Generator(),  # leaves the global RNG (token dropout) untouched
     )
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in tqdm(loader, desc=progress, unit="batch", disable=progress is None, leave=False):
         feats.append(F.normalize(encode(x.to(device)).float(), dim=1).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -91,6 +98,8 @@ def knn_top1(
     chunk: int = 512,
 ) -> float:
     """Top-1 accuracy of the weighted kNN classifier (features already L2-normalised)."""
+    from lightly.utils.benchmarking import knn_predict  # imports pytorch_lightning: only when used
+
     bank, bank_labels = train[0].T.contiguous(), train[1]
     num_classes = int(max(bank_labels.max(), test[1].max())) + 1
     correct = 0
@@ -130,14 +139,19 @@ def evaluate_backbone(
     data: DataConfig,
     cfg: EvalConfig,
     device: torch.device,
+    progress: bool = False,
 ) -> dict:
-    """kNN (and optionally linear-probe) top-1 of `vit` on the dataset's train/test splits."""
+    """kNN (and optionally linear-probe) top-1 of `vit` on the dataset's train/test splits;
+    `progress`: a bar per split (a standalone evaluation; inside a run the step bar is shown)."""
     was_training = vit.training
     vit.eval()
     try:
         train, test = (
-            extract_features(lambda x: forward_features(vit, x), s, model.image_size, cfg.batch_size, device)
-            for s in labelled_splits(data, cfg)
+            extract_features(
+                lambda x: forward_features(vit, x), images, model.image_size, cfg.batch_size, device,
+                progress=f"{split} features" if progress else None,
+            )  # fmt: skip
+            for split, images in zip(("train", "test"), labelled_splits(data, cfg), strict=True)
         )
     finally:
         vit.train(was_training)
@@ -203,7 +217,7 @@ def evaluate_run(
     result = {
         "step": step,
         "encoder": which,
-        **evaluate_backbone(vit.to(device), cfg.model, cfg.data, cfg.eval, device),
+        **evaluate_backbone(vit.to(device), cfg.model, cfg.data, cfg.eval, device, progress=True),
     }
     if pixels:
         result["pixel_knn_top1"] = pixel_knn(cfg.model, cfg.data, cfg.eval)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-from lightly.utils.debug import std_of_l2_normalized
 
 HEALTHY_FRACTION = 0.1  # feature_std below this fraction of 1/sqrt(d) reads as collapsed
 
@@ -20,6 +19,8 @@ HEALTHY_FRACTION = 0.1  # feature_std below this fraction of 1/sqrt(d) reads as 
 @torch.no_grad()
 def feature_monitors(features: torch.Tensor) -> dict[str, torch.Tensor]:
     """`feature_std` of backbone features (B, D)."""
+    from lightly.utils.debug import std_of_l2_normalized  # its module imports matplotlib: not at start-up
+
     return {"feature_std": std_of_l2_normalized(features.detach().float())}
 
 

@@ -38,6 +38,7 @@ FLOORS = {
     "accelvit.timing": 7,
     "accelvit.evaluate": 8,
     "accelvit.diagnostics": 9,
+    "accelvit.embed": 9,
     "accelvit.trackers": 9,
     "accelvit.build": 10,
     "accelvit.train": 11,
@@ -108,3 +109,14 @@ def test_objective_names_are_the_registry():
     from accelvit.objectives import OBJECTIVES
 
     assert set(typing.get_args(ObjectiveName)) == set(OBJECTIVES)
+
+
+def test_start_up_imports_no_plotting_or_lightning():
+    # lightly's kNN helper imports pytorch_lightning and torchmetrics, its debug module matplotlib:
+    # ~1.5 s of CPU a command, paid only where they are used
+    code = (
+        "import sys, accelvit.cli, accelvit.train, accelvit.evaluate, accelvit.export, accelvit.embed; "
+        "print(sorted(m for m in ('pytorch_lightning', 'torchmetrics', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
