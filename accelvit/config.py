@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,7 +236,9 @@ class TrainConfig:
     )
     checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
-    precision: Literal["no", "fp16", "bf16"] = _doc("no", "mixed precision: no, fp16 or bf16")
+    precision: Literal["no", "fp16", "bf16"] = _doc(
+        "no", "mixed precision: no, fp16 or bf16 (unset: the launcher's, accelerate launch --mixed_precision)"
+    )
     on_nonfinite: Literal["stop", "skip"] = _doc(
         "stop", "non-finite loss or gradients: stop (checkpoint the last good state) or skip the step"
     )
@@ -287,12 +290,61 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
     for item in overrides:
         apply_override(raw, item)
     _merge_schedule_file(raw)
+    _take_launcher_settings(raw)
     train = raw.get("train")
     if isinstance(train, dict) and train.get("budget") is not None and "steps" not in train:
         train["steps"] = None  # a budget replaces the default number of steps
     cfg = from_dict(Config, raw, "")
     validate(cfg, check_paths)
     return cfg
+
+
+# What `accelerate launch` (its flags or `accelerate config`) passes to the processes, as ACCELERATE_*
+# variables an Accelerator would pick up silently, and that accelvit's loop does not do.
+UNSUPPORTED_LAUNCHER = {
+    "ACCELERATE_DYNAMO_BACKEND": (
+        "--dynamo_backend (torch.compile) is not supported: a curriculum would recompile at every new "
+        "patch size and keep ratio; launch without it"
+    ),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": (
+        "--gradient_accumulation_steps is not supported: the loop steps the optimizer every batch; raise "
+        "train.batch_size or the number of processes instead"
+    ),
+    "ACCELERATE_USE_FSDP": "FSDP is not supported: accelvit trains with DDP (the ViTs it targets fit a GPU)",
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed is not supported: accelvit trains with DDP",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM is not supported: accelvit trains with DDP",
+}
+
+
+def _asks(name: str, value: str) -> bool:
+    """Whether a launcher variable asks for its feature: a backend other than no, more than one
+    accumulation step, a true flag."""
+    value = value.strip().lower()
+    if name == "ACCELERATE_DYNAMO_BACKEND":
+        return value not in ("", "no")
+    if name == "ACCELERATE_GRADIENT_ACCUMULATION_STEPS":
+        return value not in ("", "0", "1")
+    return value in ("1", "true", "yes")
+
+
+def _take_launcher_settings(raw: dict) -> None:
+    """Refuse the launcher settings the loop does not do; take its mixed precision when the recipe
+    sets none, and refuse one that contradicts the recipe's."""
+    for name, why in UNSUPPORTED_LAUNCHER.items():
+        if _asks(name, os.environ.get(name, "")):
+            raise ConfigError(f"accelerate launch: {why} ({name}={_excerpt(os.environ[name])})")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    train = raw.setdefault("train", {})
+    if launcher == "no" or not isinstance(train, dict):
+        return
+    recipe = train.get("precision")
+    if recipe is None:
+        train["precision"] = launcher
+    elif recipe != launcher:
+        raise ConfigError(
+            f"train.precision = {_excerpt(recipe)}: the launcher asks {launcher} (accelerate launch "
+            "--mixed_precision or accelerate config); set one of them"
+        )
 
 
 MAX_INCLUDE_DEPTH = 8

@@ -214,3 +214,36 @@ def test_the_readme_table_lists_every_case():
         row = re.search(rf"^\| {re.escape(case)} \|.*$", table, re.M)
         assert row, f"README bad-input table has no row for {case!r}"
         assert re.sub(r"\\\|", "|", message.replace("`", "")) in row.group(0).replace("`", ""), case
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR", "--dynamo_backend (torch.compile) is not supported"),
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", "--gradient_accumulation_steps is not supported"),
+        ("ACCELERATE_USE_FSDP", "true", "FSDP is not supported"),
+        ("ACCELERATE_USE_DEEPSPEED", "true", "DeepSpeed is not supported"),
+        ("ACCELERATE_MIXED_PRECISION", "fp16", "train.precision = 'bf16': the launcher asks fp16"),
+    ],
+)
+def test_launcher_settings_the_loop_does_not_do_are_refused(
+    tmp_path, tiny_recipe, capsys, monkeypatch, variable, value, message
+):
+    monkeypatch.setenv(variable, value)
+    out = tmp_path / "out"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(out), "--set", "train.precision=bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("accelvit: error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_a_recipe_without_precision_takes_the_launchers(tiny_recipe, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert load_config(tiny_recipe).train.precision == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch's default asks nothing
+    assert load_config(tiny_recipe, ["train.precision=bf16"]).train.precision == "bf16"
+    assert load_config(tiny_recipe).train.precision == "no"
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert load_config(tiny_recipe).train.precision == "no"

@@ -165,3 +165,41 @@ def test_a_hung_peer_stops_the_run_after_the_process_timeout(tmp_path):
         r"process 1 was at loading the data \(last heard from \d+ s ago\); the others were at step 1\n",
         result.stderr,
     ), result.stderr[-3000:]
+
+
+def test_two_nodes_train_as_two_processes_of_one_node_and_resume_on_one(runs):
+    # two "machines" of one process each (torchrun --nnodes 2, static rendezvous on this host), the
+    # run directory on a file system both see, as multi-node runs need
+    tmp, recipe, two, _ = runs
+    nodes = tmp / "nodes"
+    harness = tmp / "harness.py"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", "29535", str(harness),
+                "pretrain", str(recipe), "-o", str(nodes), "--set", "train.batch_size=4",
+            ],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    # the same parameters on both nodes, and the same run as 2 processes on one node, bit for bit
+    for step in (3, 6):
+        rank0, rank1 = (torch.load(nodes / f"rank{r}_step{step}.pt") for r in (0, 1))
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    a = load_file(str(nodes / "checkpoints/step_6/model.safetensors"))
+    b = load_file(str(two / "checkpoints/step_6/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [[r[k] for k in (*SCHEDULE_KEYS, "loss")] for r in records(nodes)] == [
+        [r[k] for k in (*SCHEDULE_KEYS, "loss")] for r in records(two)
+    ]
+    # a checkpoint of the two nodes resumes on one
+    shutil.rmtree(nodes / "checkpoints/step_6")
+    launch(tmp, 1, "resume", str(nodes))
+    state = json.loads((nodes / "checkpoints/step_6/trainer_state.json").read_text())
+    assert state["step"] == 6 and state["images_seen"] == 3 * 8 + 3 * 4
