@@ -378,6 +378,15 @@ def check_rng_restored(path: Path, process: int) -> None:
         raise ConfigError(f"checkpoint '{path}': {rng_file.name} was not restored; the resume would differ")
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl; a line still being written (a running run) is left out."""
+    records = []
+    for line in (run_dir / METRICS).read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop log lines written after the checkpoint of `step` that a run resumes from.
 

@@ -221,6 +221,20 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from accelvit.checkpoint import METRICS, check_output, read_metrics
+    from accelvit.report import plot_runs
+
+    check_output(Path(args.output))
+    runs = {}
+    for run_dir in map(Path, args.run_dirs):
+        if not (run_dir / METRICS).is_file():
+            raise ConfigError(f"'{run_dir}' has no {METRICS}: not a run directory, or a run not started")
+        runs[str(run_dir)] = read_metrics(run_dir)
+    print(f"plot: {plot_runs(runs, Path(args.output))}")
+    return 0
+
+
 def _defaults(args: argparse.Namespace) -> int:
     print(describe_defaults(), end="")
     return 0
@@ -321,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default="diagnostics.png", help="PNG to write (default diagnostics.png)")
     p.set_defaults(func=_diagnose)
+
+    p = sub.add_parser("plot", help="picture of runs: loss, lr, compression and kNN against budget")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default="runs.png", help="PNG to write (default runs.png)")
+    p.set_defaults(func=_plot)
 
     p = sub.add_parser("defaults", help="print every recipe key with its default and meaning")
     p.set_defaults(func=_defaults)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from accelvit.budget import ScheduleRow, mean_cost
@@ -54,7 +55,7 @@ def plot_schedule(rows: list[ScheduleRow], path: Path, title: str = "") -> Path:
     fig, axes = plt.subplots(len(series), 1, figsize=(6, 2 * len(series)), sharex=True)
     for ax, (values, label) in zip(axes, series, strict=True):
         ax.step(progress, values, where="post")
-        ax.set_ylabel(label)
+        value_axis(ax, values, label)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("training progress")
     if title:
@@ -123,31 +124,32 @@ def _fmt(value: object) -> str:
 
 
 def plot_grad_report(reports: list[dict], path: Path, labels: list[str]) -> Path:
-    """bias² and CA-MSE against cost, one marker series per report."""
+    """bias² and CA-MSE against cost, one marker series per report; full input drawn as the reference
+    (bias² 0, CA-MSE its variance at cost 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (("bias_sq", "bias² (unbiased estimate)"), ("ca_mse", "CA-MSE = bias² + cost × variance"))
+    references = []
     for report, label in zip(reports, labels, strict=True):
         rows = report["strategies"]
         cost = [r["cost"] for r in rows]
-        for ax, key in zip(axes, ("bias_sq", "ca_mse"), strict=True):
-            ax.scatter(cost, [r[key] for r in rows], label=label)
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            dots = ax.scatter(cost, [r[key] for r in rows], label=label)
             for r, c in zip(rows, cost, strict=True):
-                ax.annotate(setting_of(r).label, (c, r[key]), fontsize=7)
-    for ax, title in zip(
-        axes, ("bias² (unbiased estimate)", "CA-MSE = bias² + cost × variance"), strict=True
-    ):
-        ax.set_xlabel("cost relative to the full step")
-        # symlog: bias² estimates can be zero or slightly negative
-        top = max(
-            (abs(r[k]) for rep in reports for r in rep["strategies"] for k in ("bias_sq", "ca_mse")),
-            default=1.0,
-        )
-        ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12))
+                ax.annotate(setting_of(r).label, (c, r[key]), (3, 3), textcoords="offset points", fontsize=7)
+        full = rows[0]["variance_full"]  # full input's CA-MSE: no bias, all of its variance
+        axes[1].axhline(full, color=dots.get_facecolor()[0], linestyle="--", linewidth=1)
+        references.append(full)
+    axes[0].axhline(0.0, color="grey", linestyle="--", linewidth=1, label="full input (dashed)")
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        values = [r[key] for rep in reports for r in rep["strategies"]]
+        value_axis(ax, values + (references if key == "ca_mse" else [0.0]), title.split(" ")[0])
         ax.set_title(title)
+        ax.set_xlabel("cost relative to the full step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return save_figure(fig, path)
@@ -253,16 +255,58 @@ def plot_diagnostics(runs: dict[str, list[dict]], path: Path) -> Path:
                 values = [rec["blocks"][block][key] for rec in records]
                 name = f"{label} block {block}" if key == "entropy" else None
                 ax.plot(progress, values, styles[r % len(styles)], color=color, label=name)
-    for ax, title in zip(
-        axes, ("attention entropy / log N", "cond(attention output)", "cond(block output)"), strict=True
-    ):
+    titles = ("attention entropy / log N", "cond(attention output)", "cond(block output)")
+    for ax, key, title in zip(axes, ("entropy", "attn_cond", "block_cond"), titles, strict=True):
+        values = [b[key] for records in runs.values() for rec in records for b in rec["blocks"]]
+        value_axis(ax, values, title.split(" ")[0] if key == "entropy" else title)
         ax.set_title(title)
         ax.set_xlabel("training progress")
         ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
-    axes[2].set_yscale("log")
     axes[0].legend(fontsize=6)
     return save_figure(fig, path)
+
+
+def plot_runs(runs: dict[str, list[dict]], path: Path) -> Path:
+    """Loss, learning rate, compression (keep, patch, merge) and kNN top-1 against budget spent, one
+    line per run: a picture of runs from their metrics.jsonl records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "loss"), ("lr", "learning rate"), ("keep", "keep ratio"), ("patch", "patch size")]
+    if any(r.get("merge") for records in runs.values() for r in records):
+        panels.append(("merge", "merge per block"))
+    panels.append(("knn_top1", "kNN top-1"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.9 * len(panels)), sharex=True)
+    for label, records in runs.items():
+        logged = [r for r in records if "loss" in r]
+        budget = {r["step"]: r["budget_spent"] for r in logged}
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            if key == "knn_top1":  # evaluation lines carry a step only: place them at its budget
+                scored = [r for r in records if key in r and r["step"] in budget]
+                ax.plot([budget[r["step"]] for r in scored], [r[key] for r in scored], "o-", label=label)
+            else:
+                ax.plot([r["budget_spent"] for r in logged], [r.get(key, 0.0) for r in logged], label=label)
+    for ax, (key, name) in zip(axes, panels, strict=True):
+        values = [r[key] for records in runs.values() for r in records if r.get(key) is not None]
+        value_axis(ax, values, name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("budget spent (units)")
+    return save_figure(fig, path)
+
+
+def value_axis(ax, values: list, label: str) -> None:
+    """A labelled y axis whose ticks always read: log over more than a decade of positive values,
+    else linear without an offset (a symlog axis over one decade shows no tick; an offset axis reads
+    `1e-5+9.999e-1`)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 10 * min(finite):
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", useOffset=False, style="sci", scilimits=(-3, 4))
+    ax.set_ylabel(label)
 
 
 def save_figure(fig, path: Path) -> Path:
