@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from accelvit.backbone import build_backbone
 from accelvit.checkpoint import RECIPE, check_output
 from accelvit.compress import forward_features
-from accelvit.config import ConfigError, ModelConfig, from_dict, load_config
+from accelvit.config import ConfigError, ModelConfig, load_config
 from accelvit.data import open_rgb
 from accelvit.evaluate import extract_features, load_backbone
+from accelvit.export import load_export
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -66,14 +63,7 @@ def load_encoder(
         raise ConfigError(f"'{source}' is neither a run directory nor a .safetensors export")
     if checkpoint or encoder:
         raise ConfigError(f"--checkpoint and --encoder choose within a run; '{source}' holds one encoder")
-    with safe_open(str(source), "pt") as f:
-        metadata = f.metadata() or {}
-    if "accelvit_model" not in metadata:
-        raise ConfigError(f"'{source}' was not written by accelvit export (no accelvit_model metadata)")
-    model = from_dict(ModelConfig, json.loads(metadata["accelvit_model"]), "model")
-    vit = build_backbone(model)
-    vit.load_state_dict(load_file(str(source)))
-    return vit, model
+    return load_export(source)
 
 
 def embed_folder(

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
+import timm
 import torch
+from lightly.transforms.utils import IMAGENET_NORMALIZE
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from timm.models import save_for_hf
+from timm.models.vision_transformer import VisionTransformer
 
 from accelvit.arch import EXTRA_PARAMETERS
-from accelvit.backbone import timm_kwargs
+from accelvit.backbone import build_backbone, timm_kwargs
 from accelvit.checkpoint import RECIPE, check_output, latest_checkpoint, verify_checkpoint
-from accelvit.config import Config, ConfigError, load_config
+from accelvit.config import Config, ConfigError, ModelConfig, from_dict, load_config
 from accelvit.objectives import encoder_name
 
 BACKBONE_PREFIX = "backbone."
@@ -54,10 +60,24 @@ def is_extra(key: str) -> bool:
     return key in EXTRA_PARAMETERS or key.startswith(STEM_PREFIX)
 
 
+def preprocessing(image_size: int) -> dict:
+    """What an exported backbone expects of its input: accelvit evaluates on images resized (no crop)
+    to the model's side, normalised with ImageNet's mean and std (evaluate.eval_transform)."""
+    return {
+        "input_size": [3, image_size, image_size],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "mean": list(IMAGENET_NORMALIZE["mean"]),
+        "std": list(IMAGENET_NORMALIZE["std"]),
+    }
+
+
 def export_backbone(
     run_dir: Path, out: Path, checkpoint: str | None = None, encoder: str | None = None
 ) -> Path:
-    """Write the backbone weights with timm's key names to `out` (.safetensors).
+    """Write the backbone weights with timm's key names to `out`: a .safetensors file, or any other
+    name a folder in timm's own format (`timm.create_model("local-dir:OUT", pretrained=True)`), for
+    a plain ViT.
 
     `encoder`: student or teacher (null: `eval.encoder`, else the objective's reference choice).
 
@@ -69,19 +89,31 @@ def export_backbone(
     """
     if not (run_dir / RECIPE).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
-    check_output(out)
+    folder = out.suffix != ".safetensors"
+    if folder and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"-o {out}: exists and is not an empty folder (a timm folder is written anew)")
+    check_output(out.with_name(".tmp-" + out.name) if folder else out)  # a folder is written there first
     cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
     attribute = chosen_encoder(cfg, encoder)
     backbone = backbone_weights(path, attribute)
     kwargs = timm_kwargs(cfg.model)
+    extra = sorted(k for k in backbone if is_extra(k))
+    if folder:
+        if extra:
+            raise ConfigError(
+                f"-o {out}: timm's folder format holds plain ViTs; this backbone has parameters timm's "
+                f"{cfg.model.arch} lacks (e.g. {extra[0]}): export to a .safetensors file instead"
+            )
+        return _export_timm_folder(cfg, kwargs, backbone, out)
     metadata = {
         "arch": cfg.model.arch,
         "encoder": "student" if attribute == "backbone" else "teacher",
         "timm_kwargs": json.dumps(kwargs),
         "checkpoint": path.name,
-        "extra_parameters": json.dumps(sorted(k for k in backbone if is_extra(k))),
+        "extra_parameters": json.dumps(extra),
         "accelvit_model": json.dumps(dataclasses.asdict(cfg.model)),
+        "preprocessing": json.dumps(preprocessing(cfg.model.image_size)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".tmp-" + out.name)
@@ -91,3 +123,34 @@ def export_backbone(
     finally:
         tmp.unlink(missing_ok=True)  # left only if the write failed
     return out
+
+
+def _export_timm_folder(cfg: Config, kwargs: dict, backbone: dict, out: Path) -> Path:
+    """config.json (architecture, arguments, preprocessing) and model.safetensors, via timm."""
+    vit = timm.create_model(cfg.model.arch, **kwargs)
+    vit.load_state_dict(backbone, strict=True)
+    args = {k: v for k, v in kwargs.items() if k != "pretrained"}
+    tmp = out.with_name(".tmp-" + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        data = preprocessing(cfg.model.image_size)
+        save_for_hf(vit, str(tmp), model_args=args, safe_serialization=True, data_config=data)
+        if out.exists():
+            out.rmdir()  # empty, checked before
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_export(path: Path) -> tuple[VisionTransformer, ModelConfig]:
+    """The backbone of an `accelvit export` .safetensors file, any architecture option or stem
+    included, in eval mode, and its model section (`preprocessing(model.image_size)` is its input)."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "accelvit_model" not in metadata:
+        raise ConfigError(f"'{path}' was not written by accelvit export (no accelvit_model metadata)")
+    model = from_dict(ModelConfig, json.loads(metadata["accelvit_model"]), "model")
+    vit = build_backbone(model)
+    vit.load_state_dict(load_file(str(path)))
+    return vit.eval(), model

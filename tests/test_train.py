@@ -114,6 +114,37 @@ def test_export_loads_into_timm(tmp_path, tiny_recipe):
     assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 32)
 
 
+def test_export_as_a_timm_folder_loads_with_its_preprocessing(tmp_path, tiny_recipe, capsys):
+    import timm
+    from timm.data import resolve_data_config
+
+    from accelvit.export import load_export
+
+    run_dir, folder, file = tmp_path / "run", tmp_path / "backbone", tmp_path / "backbone.safetensors"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir)]) == 0
+    assert main(["export", str(run_dir), "-o", str(folder)]) == 0
+    assert main(["export", str(run_dir), "-o", str(file)]) == 0
+    vit = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    data = resolve_data_config({}, model=vit)
+    assert data["input_size"] == (3, 16, 16) and data["crop_pct"] == 1.0
+    assert data["mean"] == pytest.approx((0.485, 0.456, 0.406)) and data["std"] == pytest.approx((0.229, 0.224, 0.225))
+    exported, model = load_export(file)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(vit(x), exported(x)) and vit(x).shape == (2, 32)
+    assert model.image_size == 16
+    # a convolutional stem is not timm's: the folder format is refused, the file carries it
+    stem = tmp_path / "stem"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(stem), "--set", "model.stem=[8]"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(stem), "-o", str(tmp_path / "stem_folder")]) == 2
+    assert "timm's folder format holds plain ViTs" in capsys.readouterr().err
+    assert not (tmp_path / "stem_folder").exists()
+    assert main(["export", str(stem), "-o", str(tmp_path / "stem.safetensors")]) == 0
+    vit, _ = load_export(tmp_path / "stem.safetensors")
+    assert vit(x).shape == (2, 32)
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_recipe):
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
