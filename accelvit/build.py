@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
 from accelvit.augment import batch_views
 from accelvit.backbone import build_backbone, vit_shape
@@ -173,10 +174,14 @@ def estimate_at(
             # batch k's views as the run's first process draws them (data.augment: device)
             yield batch_views(views, specs, cfg.train.seed, step + k, 0, accelerator.device)
 
+    shown = tqdm(
+        batches(), f"gradient error at step {step}", len(mine), leave=False, unit="batch",
+        disable=not accelerator.is_main_process,
+    )  # fmt: skip  # minutes of work inside a run or alone: progress, gone when done
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
         raw = measure(
             model,
-            batches(),
+            shown,
             strategies,
             cfg.model.patch_size,
             progress,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
+from tqdm import tqdm
 
 from accelvit.augment import batch_views
 from accelvit.checkpoint import COSTS
@@ -81,7 +82,7 @@ def measure_costs(model, views: list, settings: list[Setting], repeats: int) -> 
                 "merge": s.merge,
                 "units": median_time(lambda s=s: step(s)) / unit,
             }
-            for s in settings
+            for s in tqdm(settings, "timing step costs", leave=False, unit="setting")
         ]
 
 
