@@ -189,7 +189,9 @@ class ScheduleConfig:
         None,
         "adaptive: keep:patch[:merge] strategies to choose from (null: a default grid); full input always",
     )
-    adaptive_batches: int = _doc(4, "adaptive: batches (K) the estimator averages over at each stage")
+    adaptive_batches: int = _doc(
+        8, "adaptive: batches (K) the estimator averages over at each stage (8: benchmarks/estimator_noise)"
+    )
     monotone: bool = _doc(True, "adaptive: never pick a cheaper (more compressed) strategy than before")
     file: str | None = _doc(
         None, "YAML file with schedule keys (e.g. written by `accelvit plan`); its keys win over the recipe's"
@@ -230,7 +232,7 @@ class TrainConfig:
         None, "steps between attention diagnostics on a fixed probe batch (diagnostics.jsonl; null: none)"
     )
     grad_error_at: list[float] = _doc([], "progress points at which to run the gradient-bias estimator")
-    grad_error_batches: int = _doc(4, "batches (K) the estimator averages over during pretraining")
+    grad_error_batches: int = _doc(8, "batches (K) the estimator averages over during pretraining")
     grad_error_strategies: str | None = _doc(
         None, "keep:patch[:merge] list for the estimator, e.g. 0.5:4,0.25:8,1:4:0.2 (null: a default grid)"
     )

@@ -7,6 +7,7 @@ baseline of time to accuracy share theirs).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -26,7 +27,7 @@ def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> Config:
         create_run_dir(run_dir, cfg)
         result = pretrain(cfg, run_dir)
     else:
-        if load_config(run_dir / RECIPE) != cfg:
+        if not same_run(load_config(run_dir / RECIPE), cfg):
             raise SystemExit(f"{run_dir} was trained with another recipe than {recipe.name}; move it away")
         last = latest_checkpoint(run_dir)
         if last is not None and _finished(run_dir, last):
@@ -35,6 +36,18 @@ def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> Config:
     if result.stopped:
         raise SystemExit(f"stopped; run the benchmark again to resume {run_dir}")
     return cfg
+
+
+def same_run(a: Config, b: Config) -> bool:
+    """Whether two resolved recipes train the same run: equal but for keys that are inert in it (the
+    estimator's K without estimator points or adaptive stages), so that a changed default of such a
+    key does not retrain finished runs."""
+    inert = {}
+    if not b.train.grad_error_at:
+        inert["train"] = dataclasses.replace(b.train, grad_error_batches=a.train.grad_error_batches)
+    if b.schedule.mode != "adaptive":
+        inert["schedule"] = dataclasses.replace(b.schedule, adaptive_batches=a.schedule.adaptive_batches)
+    return a == dataclasses.replace(b, **inert)
 
 
 def _finished(run_dir: Path, checkpoint: Path) -> bool:

@@ -180,3 +180,23 @@ def test_constant_and_random_settings_match_a_mean_cost():
     assert schedule_families.constant_keep(cost, 4, 0.4) == pytest.approx(0.4, abs=1e-3)
     small, big = schedule_families.random_weights(cost, 4, 0.4)
     assert small * 1.0 + big * 0.25 == pytest.approx(0.4, abs=1e-3) and small + big == pytest.approx(1.0)
+
+
+def test_a_run_is_reused_across_a_changed_default_of_a_key_inert_in_it(tiny_recipe):
+    from accelvit.config import load_config
+    from benchmarks.runs import same_run
+
+    run = load_config(tiny_recipe, ["train.grad_error_batches=4", "schedule.adaptive_batches=4"])
+    assert same_run(run, load_config(tiny_recipe))  # no estimator points, no adaptive stages: inert
+    measured = load_config(tiny_recipe, ["train.grad_error_batches=4", "train.grad_error_at=[0.5]"])
+    assert not same_run(measured, load_config(tiny_recipe, ["train.grad_error_at=[0.5]"]))  # K counts there
+    assert not same_run(run, load_config(tiny_recipe, ["optim.lr=0.002"]))
+
+
+def test_estimator_noise_smoke(tmp_path):
+    from benchmarks import estimator_noise
+
+    result = estimator_noise.main(["--smoke", "-o", str(tmp_path / "noise.json")])
+    choice = [r for r in result["rows"] if r["strategy"] == "(choice)"]
+    assert [r["k"] for r in choice] == [2] and 0.0 <= choice[0]["agree"] <= 1.0
+    assert {r["strategy"] for r in result["rows"]} >= {"0.5:4", "1:8", "(choice)"}
