@@ -45,6 +45,7 @@ def log_grad_report(accelerator: Accelerator, report: dict) -> None:
             f"grad_error/{setting_of(row).label}/{key}": row[key]
             for row in report["strategies"]
             for key in ("relative_bias", "cosine", "ca_mse")
+            if row[key] is not None  # the corrected ratios are empty where batch noise swamps them
         }
         accelerator.log(values, step=report["step"])
 

@@ -90,8 +90,15 @@ def _trained_run(tmp, recipe):
 
 def _export_to_folder(tmp, recipe):
     run = _trained_run(tmp, recipe)
-    (tmp / "folder").mkdir()
-    return ["export", str(run), "-o", str(tmp / "folder")]
+    (tmp / "folder.safetensors").mkdir()
+    return ["export", str(run), "-o", str(tmp / "folder.safetensors")]
+
+
+def _export_into_a_used_folder(tmp, recipe):
+    run = _trained_run(tmp, recipe)
+    (tmp / "backbone").mkdir()
+    (tmp / "backbone/notes.txt").write_text("not the export's")
+    return ["export", str(run), "-o", str(tmp / "backbone")]
 
 
 def _export_under_a_file(tmp, recipe):
@@ -169,7 +176,8 @@ CASES = [
     ("recipe that is not UTF-8", lambda t, r: _recipe_file(t, "latin.yaml", b"model: {arch: caf\xe9}\n"), "not UTF-8 text (invalid continuation byte at byte 17)"),
     ("report that is not an object", lambda t, r: _report_file(t, "null"), "a grad-error report is a JSON object, got NoneType"),
     ("report with missing fields", lambda t, r: _report_file(t, '{"schema": "accelvit.grad-error/2", "strategies": []}'), "not a complete grad-error report"),
-    ("output that is a folder", _export_to_folder, "folder: exists and is not a regular file"),
+    ("output that is a folder", _export_to_folder, "folder.safetensors: exists and is not a regular file"),
+    ("timm folder export into a folder in use", _export_into_a_used_folder, "backbone: exists and is not an empty folder"),
     ("output under a file", _export_under_a_file, "notes.txt is not a folder"),
     ("output that is a device", lambda t, r: ["plan", str(t / "r.json"), "-o", "/dev/null"], "-o /dev/null: exists and is not a regular file"),
     ("size that would hang", lambda t, r: _pretrain(t, r, "train.batch_size=1000000000"), "train.batch_size = 1000000000: must be at most 65536"),

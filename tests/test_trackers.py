@@ -40,10 +40,10 @@ def test_tensorboard_holds_the_metrics_values_across_a_resume(tmp_path, tiny_rec
         values = _scalars(folder, tag)
         assert sorted(values) == [1, 2, 3, 4, 5, 6], tag  # no step twice, none lost
         assert values == pytest.approx({s: r[tag] for s, r in logged.items()}, rel=1e-6), tag
-    bias = _scalars(folder, "grad_error/0.5:8/relative_bias")  # the estimator's point at step 3
+    ca_mse = _scalars(folder, "grad_error/0.5:8/ca_mse")  # the estimator's point at step 3
     report = json.loads((run_dir / "grad_error/step_3.json").read_text())
     row = next(r for r in report["strategies"] if (r["keep"], r["patch"]) == (0.5, 8))
-    assert bias == pytest.approx({3: row["relative_bias"]}, rel=1e-6)
+    assert ca_mse == pytest.approx({3: row["ca_mse"]}, rel=1e-6)
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_written(tmp_path, tiny_recipe, capsys):
