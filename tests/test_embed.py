@@ -84,3 +84,16 @@ def test_embed_refuses_bad_input_in_one_line(tmp_path, folder, capsys, args, mes
     err = capsys.readouterr().err
     assert err.startswith("accelvit: error: ") and err.count("\n") == 1 and message in err, err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_embed_as_parquet(tmp_path, tiny_config, folder):
+    pq = pytest.importorskip("pyarrow.parquet")
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    assert main(["embed", str(run_dir), "--data", str(folder), "-o", str(tmp_path / "e.npy"), "--workers", "0"]) == 0
+    assert main(["embed", str(run_dir), "--data", str(folder), "-o", str(tmp_path / "e.parquet"), "--workers", "0"]) == 0
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.column_names == ["path", "embedding"]
+    assert table.column("path").to_pylist() == (tmp_path / "e.paths.txt").read_text().splitlines()
+    assert np.array_equal(np.array(table.column("embedding").to_pylist(), dtype=np.float32), np.load(tmp_path / "e.npy"))
