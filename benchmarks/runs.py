@@ -12,30 +12,37 @@ import hashlib
 import json
 from pathlib import Path
 
-from accelvit.checkpoint import RECIPE, create_run_dir, latest_checkpoint
-from accelvit.config import Config, load_config
+from accelvit.checkpoint import RECIPE, create_run_dir, latest_checkpoint, run_lock
+from accelvit.config import Config, ConfigError, load_config
 from accelvit.train import pretrain
 
 
-def train_run(recipe: Path, overrides: list[str], run_dir: Path) -> Config:
-    """Train `run_dir` to its end: create it, resume it, or leave a finished run as it is.
+def train_run(recipe: Path, overrides: list[str], run_dir: Path, train: bool = True) -> bool:
+    """Train `run_dir` to its end: create it, resume it, or leave a finished run as it is; whether it
+    is finished (`train=False`: only say so, for scoring what is done while runs train elsewhere).
 
-    Raises SystemExit when the directory holds a run of another recipe, or when a signal stopped it.
+    Raises SystemExit when the directory holds a run of another recipe, when another process trains
+    it, or when a signal stopped it.
     """
     cfg = load_config(recipe, overrides)
-    if not (run_dir / RECIPE).is_file():
+    exists = (run_dir / RECIPE).is_file()
+    if exists and not same_run(load_config(run_dir / RECIPE), cfg):
+        raise SystemExit(f"{run_dir} was trained with another recipe than {recipe.name}; move it away")
+    last = latest_checkpoint(run_dir) if exists else None
+    if last is not None and _finished(run_dir, last):
+        return True
+    if not train:
+        return False
+    if not exists:
         create_run_dir(run_dir, cfg)
-        result = pretrain(cfg, run_dir)
-    else:
-        if not same_run(load_config(run_dir / RECIPE), cfg):
-            raise SystemExit(f"{run_dir} was trained with another recipe than {recipe.name}; move it away")
-        last = latest_checkpoint(run_dir)
-        if last is not None and _finished(run_dir, last):
-            return cfg
-        result = pretrain(cfg, run_dir, resume=last is not None)
+    try:
+        with run_lock(run_dir):  # two benchmarks on one run would interleave its files
+            result = pretrain(cfg, run_dir, resume=last is not None)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     if result.stopped:
         raise SystemExit(f"stopped; run the benchmark again to resume {run_dir}")
-    return cfg
+    return True
 
 
 def same_run(a: Config, b: Config) -> bool:

@@ -148,6 +148,17 @@ def test_learning_smoke_reuses_finished_runs_and_resumes_unfinished(tmp_path):
     assert (run0 / "metrics.jsonl").read_text() == untouched
     assert (run1 / "checkpoints/step_8").is_dir()
     assert [r["knn_top1"] for r in again["rows"]] == [r["knn_top1"] for r in rows]  # bit-exact resume
+    # scoring while a run still trains elsewhere (--no-train): what is finished, nothing trained; the
+    # rows of other objectives in the file stay
+    shutil.rmtree(run1 / "checkpoints/step_8")
+    partial = written(out, learning.main([*argv, "--no-train"]))
+    assert [(r["seed"], r["step"]) for r in partial["rows"]] == [(0, 2), (0, 4), (0, 8)]
+    assert not (run1 / "checkpoints/step_8").exists()
+    other = json.loads(out.read_text())
+    other["rows"].append({**rows[0], "objective": "simclr", "run_recipe": "another"})
+    out.write_text(json.dumps(other))
+    kept = written(out, learning.main([*argv, "--no-train"]))
+    assert [r["objective"] for r in kept["rows"]] == ["simclr", "mocov3", "mocov3", "mocov3"]
     # a run directory of another recipe is never silently reused
     recipe = learning.REPO / "recipes/mocov3-fmnist-baseline.yaml"
     with pytest.raises(SystemExit, match="another recipe"):
