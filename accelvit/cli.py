@@ -227,10 +227,12 @@ def _plot(args: argparse.Namespace) -> int:
 
     check_output(Path(args.output))
     runs = {}
-    for run_dir in map(Path, args.run_dirs):
+    paths = [Path(p) for p in args.run_dirs]
+    names = [p.name for p in paths]
+    for run_dir, name in zip(paths, names, strict=True):
         if not (run_dir / METRICS).is_file():
             raise ConfigError(f"'{run_dir}' has no {METRICS}: not a run directory, or a run not started")
-        runs[str(run_dir)] = read_metrics(run_dir)
+        runs[name if names.count(name) == 1 else str(run_dir)] = read_metrics(run_dir)  # short labels
     print(f"plot: {plot_runs(runs, Path(args.output))}")
     return 0
 
