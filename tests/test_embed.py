@@ -55,6 +55,15 @@ def test_embed_writes_the_features_eval_computes_for_each_image(tmp_path, tiny_c
     assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
     assert torch.allclose(torch.from_numpy(features), expected, atol=1e-6)
 
+    # a folder without class sub-folders: the same images, the same vectors
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in folder.rglob("*.png"):
+        (flat / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
+    assert main(["embed", str(run_dir), "--data", str(flat), "-o", str(tmp_path / "flat.npy")]) == 0
+    assert (tmp_path / "flat.paths.txt").read_text().splitlines() == [p.replace("/", "-") for p in paths]
+    assert np.array_equal(np.load(tmp_path / "flat.npy"), features)
+
     # from an export, as .csv: the same rows
     exported = tmp_path / "backbone.safetensors"
     assert main(["export", str(run_dir), "-o", str(exported)]) == 0
