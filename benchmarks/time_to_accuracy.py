@@ -19,6 +19,7 @@ runs are reused, unfinished ones resumed, and rows are written as they come.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -120,8 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     name = "time_to_accuracy" + ("" if size == "cpu" else f"-{size}")
     out = args.output or str(RESULTS / f"{name}-{device().type}.json")
     cache = cached_rows(out)
-    rows: list[dict] = []
-    summary: dict[str, dict] = {}
+    names = args.objectives.split(",")
+    previous = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
+    # the other objectives' rows and summaries stay: each objective is measured in a sitting of its own
+    rows = [r for r in previous.get("rows", []) if r["objective"] not in names]
+    summary = {k: v for k, v in previous.get("summary", {}).items() if k not in names}
 
     def measure(name: str, kind: str, fraction: float, seed: int, budget_units: float) -> dict:
         recipe = REPO / f"recipes/{name}-fmnist-{kind}.yaml"
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         _write(rows, summary, out, runs, size)
         return row
 
-    for name in args.objectives.split(","):
+    for name in names:
         baseline_recipe = REPO / f"recipes/{name}-fmnist-baseline.yaml"
         cfg = load_config(baseline_recipe, common)
         units = cfg.train.steps * full_step_units(baseline_recipe, common)

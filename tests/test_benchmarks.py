@@ -75,6 +75,14 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert out.with_suffix(".png").is_file()
     again = written(out, time_to_accuracy.main(argv))  # every run reused, every score from the cache
     assert again["rows"] == rows
+    # another objective measured in an earlier sitting keeps its rows and summary
+    other = json.loads(out.read_text())
+    other["rows"] = [{**r, "objective": "dino", "run_recipe": f"dino-{i}"} for i, r in enumerate(rows)] + rows
+    other["summary"]["dino"] = {**other["summary"]["simclr"], "speedup_budget": 2.0}
+    out.write_text(json.dumps(other))
+    kept = written(out, time_to_accuracy.main(argv))
+    assert [r["objective"] for r in kept["rows"]] == ["dino"] * len(rows) + ["simclr"] * len(rows)
+    assert kept["summary"]["dino"]["speedup_budget"] == 2.0 and "simclr" in kept["summary"]
 
 
 def test_gpu_size_sets_batch_precision_and_full_splits():
