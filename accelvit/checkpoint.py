@@ -161,13 +161,28 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write a file or folder to; renamed to `path` when the block
+    ends normally, removed when it raises, so that `path` is whole or untouched."""
     tmp = path.with_name(TMP_PREFIX + path.name)
-    with open(tmp, "w") as f:
+    _remove(tmp)  # a leftover of a write that was killed
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_step(path: Path) -> int:

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from accelvit.checkpoint import RECIPE, check_output
+from accelvit.checkpoint import RECIPE, atomic_path, check_output
 from accelvit.compress import forward_features
 from accelvit.config import ConfigError, ModelConfig, load_config
 from accelvit.data import open_rgb
@@ -96,34 +96,22 @@ def paths_file(out: Path) -> Path:
 def write_embeddings(out: Path, names: list[str], features: torch.Tensor) -> list[Path]:
     """Write rows (name, vector) as .npy + .paths.txt, .csv or .parquet; each file whole or not at all."""
     array = features.numpy().astype(np.float32)
-    written = []
-
-    def atomic(path: Path, write) -> None:
-        tmp = path.with_name(".tmp-" + path.name)
-        try:
-            write(tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        written.append(path)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        atomic(out, lambda p: np.save(p, array))
-        atomic(paths_file(out), lambda p: p.write_text("".join(n + "\n" for n in names)))
-    elif out.suffix == ".csv":
+        with atomic_path(out) as tmp:
+            np.save(tmp, array)
+        with atomic_path(paths_file(out)) as tmp:
+            tmp.write_text("".join(n + "\n" for n in names))
+        return [out, paths_file(out)]
+    if out.suffix == ".csv":
+        with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+            rows = csv.writer(f)
+            rows.writerow(["path", *(f"f{i}" for i in range(array.shape[1]))])
+            rows.writerows([name, *row.tolist()] for name, row in zip(names, array, strict=True))
+        return [out]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        def write_csv(path: Path) -> None:
-            with open(path, "w", newline="") as f:
-                rows = csv.writer(f)
-                rows.writerow(["path", *(f"f{i}" for i in range(array.shape[1]))])
-                rows.writerows([name, *row.tolist()] for name, row in zip(names, array, strict=True))
-
-        atomic(out, write_csv)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.table({"path": names, "embedding": list(array)})
-        atomic(out, lambda p: pq.write_table(table, p))
-    return written
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.table({"path": names, "embedding": list(array)}), tmp)
+    return [out]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import timm
@@ -17,7 +16,14 @@ from timm.models.vision_transformer import VisionTransformer
 
 from accelvit.arch import EXTRA_PARAMETERS
 from accelvit.backbone import build_backbone, timm_kwargs
-from accelvit.checkpoint import RECIPE, check_output, latest_checkpoint, verify_checkpoint
+from accelvit.checkpoint import (
+    RECIPE,
+    TMP_PREFIX,
+    atomic_path,
+    check_output,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 from accelvit.config import Config, ConfigError, ModelConfig, from_dict, load_config
 from accelvit.objectives import encoder_name
 
@@ -92,7 +98,7 @@ def export_backbone(
     folder = out.suffix != ".safetensors"
     if folder and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"-o {out}: exists and is not an empty folder (a timm folder is written anew)")
-    check_output(out.with_name(".tmp-" + out.name) if folder else out)  # a folder is written there first
+    check_output(out.with_name(TMP_PREFIX + out.name) if folder else out)  # a folder is written there first
     cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
     attribute = chosen_encoder(cfg, encoder)
@@ -116,12 +122,8 @@ def export_backbone(
         "preprocessing": json.dumps(preprocessing(cfg.model.image_size)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp-" + out.name)
-    try:
+    with atomic_path(out) as tmp:
         save_file(backbone, str(tmp), metadata=metadata)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)  # left only if the write failed
     return out
 
 
@@ -130,16 +132,9 @@ def _export_timm_folder(cfg: Config, kwargs: dict, backbone: dict, out: Path) ->
     vit = timm.create_model(cfg.model.arch, **kwargs)
     vit.load_state_dict(backbone, strict=True)
     args = {k: v for k, v in kwargs.items() if k != "pretrained"}
-    tmp = out.with_name(".tmp-" + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_path(out) as tmp:  # an empty folder at `out` (checked before) is replaced
         data = preprocessing(cfg.model.image_size)
         save_for_hf(vit, str(tmp), model_args=args, safe_serialization=True, data_config=data)
-        if out.exists():
-            out.rmdir()  # empty, checked before
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
