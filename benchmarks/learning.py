@@ -19,14 +19,20 @@ checkpoint, summed from the run's metrics.jsonl (step and data time, not evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import REPO, RESULTS, SMOKE_SCORED, device, untrained_knn, write_result  # noqa: E402
-from benchmarks.runs import cached_rows, recipe_digest, train_run, training_minutes  # noqa: E402
+from benchmarks.runs import (  # noqa: E402
+    cached_rows,
+    earlier_result,
+    other_objectives,
+    recipe_digest,
+    train_run,
+    training_minutes,
+)
 
 if TYPE_CHECKING:
     from accelvit.config import TrainConfig
@@ -74,12 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = Path(args.runs) / ("smoke" if args.smoke else "")
     out = args.output or str(RESULTS / f"learning{'-smoke' if args.smoke else ''}-{device().type}.json")
-    done = cached_rows(out)
-    names = args.objectives.split(",")
-    previous = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
-    # the other objectives' rows stay: each objective can be measured in a sitting of its own
-    rows = [r for r in previous.get("rows", []) if r["objective"] not in names]
-    floors = {k: v for k, v in previous.get("floors", {}).items() if k not in names}
+    names, earlier = args.objectives.split(","), earlier_result(out)
+    done = cached_rows(earlier)
+    rows, floors = other_objectives(earlier, "rows", names), other_objectives(earlier, "floors", names)
     for name in names:
         recipe = REPO / f"recipes/{name}-fmnist-baseline.yaml"
         base = SMOKE if args.smoke else []

@@ -12,7 +12,15 @@ import hashlib
 import json
 from pathlib import Path
 
-from accelvit.checkpoint import RECIPE, create_run_dir, latest_checkpoint, run_lock
+from accelvit.checkpoint import (
+    METRICS,
+    RECIPE,
+    checkpoint_step,
+    create_run_dir,
+    latest_checkpoint,
+    read_metrics,
+    run_lock,
+)
 from accelvit.config import Config, ConfigError, load_config
 from accelvit.train import pretrain
 
@@ -59,10 +67,9 @@ def same_run(a: Config, b: Config) -> bool:
 
 def _finished(run_dir: Path, checkpoint: Path) -> bool:
     """Whether the newest checkpoint is the run's last (its metrics reach progress 1)."""
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    step = int(checkpoint.name.removeprefix("step_"))
-    return any(r.get("step") == step and r.get("progress", 0) >= 1 for r in map(json.loads, lines))
+    records = read_metrics(run_dir) if (run_dir / METRICS).is_file() else []
+    step = checkpoint_step(checkpoint)
+    return any(r.get("step") == step and r.get("progress", 0) >= 1 for r in records)
 
 
 def recipe_digest(run_dir: Path) -> str:
@@ -73,8 +80,7 @@ def recipe_digest(run_dir: Path) -> str:
 def training_minutes(run_dir: Path, step: int | None = None) -> float:
     """Training minutes up to `step` (default: all): the step and data time of every metrics line."""
     seconds = 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(run_dir):
         if (step is None or record["step"] <= step) and "step_s" in record:
             seconds += record["step_s"] + record["data_s"]
     return seconds / 60
@@ -85,14 +91,27 @@ def final_step(run_dir: Path) -> int:
     last = latest_checkpoint(run_dir)
     if last is None:
         raise SystemExit(f"{run_dir} has no checkpoint")
-    return int(last.name.removeprefix("step_"))
+    return checkpoint_step(last)
 
 
-def cached_rows(out: str | Path) -> dict[tuple[str, int], dict]:
-    """The rows a benchmark's JSON already holds, keyed by (run recipe digest, step): reused, not rescored."""
+def earlier_result(out: str | Path) -> dict:
+    """The JSON a benchmark wrote in an earlier sitting ({} if none)."""
     path = Path(out)
-    rows = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
-    return {(r["run_recipe"], r["step"]): r for r in rows}
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def cached_rows(earlier: dict) -> dict[tuple[str, int], dict]:
+    """The rows of an earlier result, keyed by (run recipe digest, step): reused, not rescored."""
+    return {(r["run_recipe"], r["step"]): r for r in earlier.get("rows", [])}
+
+
+def other_objectives(earlier: dict, key: str, names: list[str]) -> list | dict:
+    """`earlier[key]` (rows, or a dict by objective) without the objectives in `names`: each objective
+    can be measured in a sitting of its own, and the others' results stay as they are."""
+    value = earlier.get(key, [] if key == "rows" else {})
+    if isinstance(value, list):
+        return [r for r in value if r["objective"] not in names]
+    return {k: v for k, v in value.items() if k not in names}
 
 
 def scored_run(recipe: Path, overrides: list[str], run_dir: Path, cache: dict, fields: dict) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import REPO, RESULTS, device, write_result  # noqa: E402
-from benchmarks.runs import cached_rows, scored_run, train_run, training_minutes  # noqa: E402
+from benchmarks.runs import cached_rows, earlier_result, scored_run, train_run, training_minutes  # noqa: E402
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
 
 FAMILIES = ("uncompressed", "curriculum", "constant", "random", "plan", "adaptive")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     suffix = "" if size == "cpu" else f"-{size}"
     out = args.output or str(RESULTS / f"schedule_families{suffix}-{device().type}.json")
-    cache = cached_rows(out)
+    cache = cached_rows(earlier_result(out))
     rows: list[dict] = []
     for name in args.objectives.split(","):
         baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"

@@ -19,7 +19,6 @@ runs are reused, unfinished ones resumed, and rows are written as they come.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from benchmarks.common import (  # noqa: E402
     untrained_knn,
     write_result,
 )
-from benchmarks.runs import cached_rows, scored_run  # noqa: E402
+from benchmarks.runs import cached_rows, earlier_result, other_objectives, scored_run  # noqa: E402
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 GPU = [
@@ -120,12 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     runs = Path(args.runs) / ("" if size == "cpu" else size)
     name = "time_to_accuracy" + ("" if size == "cpu" else f"-{size}")
     out = args.output or str(RESULTS / f"{name}-{device().type}.json")
-    cache = cached_rows(out)
-    names = args.objectives.split(",")
-    previous = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
-    # the other objectives' rows and summaries stay: each objective is measured in a sitting of its own
-    rows = [r for r in previous.get("rows", []) if r["objective"] not in names]
-    summary = {k: v for k, v in previous.get("summary", {}).items() if k not in names}
+    names, earlier = args.objectives.split(","), earlier_result(out)
+    cache = cached_rows(earlier)
+    rows, summary = other_objectives(earlier, "rows", names), other_objectives(earlier, "summary", names)
 
     def measure(name: str, kind: str, fraction: float, seed: int, budget_units: float) -> dict:
         recipe = REPO / f"recipes/{name}-fmnist-{kind}.yaml"
