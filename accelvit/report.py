@@ -42,10 +42,7 @@ def format_schedule(
 
 def plot_schedule(rows: list[ScheduleRow], path: Path, title: str = "") -> Path:
     """Keep ratio, patch size, merge fraction (if any) and relative cost against progress, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     progress = [r.progress for r in rows]
     series = [([r.setting.keep for r in rows], "keep ratio"), ([r.setting.patch for r in rows], "patch size")]
@@ -126,10 +123,7 @@ def _fmt(value: object) -> str:
 def plot_grad_report(reports: list[dict], path: Path, labels: list[str]) -> Path:
     """bias² and CA-MSE against cost, one marker series per report; full input drawn as the reference
     (bias² 0, CA-MSE its variance at cost 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = (("bias_sq", "bias² (unbiased estimate)"), ("ca_mse", "CA-MSE = bias² + cost × variance"))
@@ -240,10 +234,7 @@ def diagnostics_table(runs: dict[str, list[dict]]) -> str:
 
 def plot_diagnostics(runs: dict[str, list[dict]], path: Path) -> Path:
     """Entropy and condition numbers per block against training progress, one line style per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     styles = ["-", "--", ":", "-."]
@@ -269,10 +260,7 @@ def plot_diagnostics(runs: dict[str, list[dict]], path: Path) -> Path:
 def plot_runs(runs: dict[str, list[dict]], path: Path) -> Path:
     """Loss, learning rate, compression (keep, patch, merge) and kNN top-1 against budget spent, one
     line per run: a picture of runs from their metrics.jsonl records."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("loss", "loss"), ("lr", "learning rate"), ("keep", "keep ratio"), ("patch", "patch size")]
     if any(r.get("merge") for records in runs.values() for r in records):
@@ -307,6 +295,16 @@ def value_axis(ax, values: list, label: str) -> None:
     else:
         ax.ticklabel_format(axis="y", useOffset=False, style="sci", scilimits=(-3, 4))
     ax.set_ylabel(label)
+
+
+def pyplot():
+    """matplotlib's pyplot on its file-only backend, imported when a figure is drawn, not at start-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: Path) -> Path:

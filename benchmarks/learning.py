@@ -147,12 +147,9 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """kNN top-1 against the fraction of the budget, one panel per objective, floors drawn across."""
-    import matplotlib
+    from accelvit.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from accelvit.report import save_figure
+    plt = pyplot()
 
     names = list(dict.fromkeys(r["objective"] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)

@@ -209,12 +209,9 @@ def format_table(rows: list[dict], summary: dict) -> str:
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
     """Accuracy against budget (log x), one line per run kind, the baseline's level drawn across."""
-    import matplotlib
+    from accelvit.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from accelvit.report import save_figure
+    plt = pyplot()
 
     names = list(summary)
     fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.4), squeeze=False)
