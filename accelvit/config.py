@@ -105,6 +105,12 @@ class DataConfig:
     on_bad_file: Literal["skip", "error"] = _doc(
         "skip", "an unreadable image file: skip it (the next image stands in, counted) or error"
     )
+    views: Literal["objective", "simclr", "byol"] = _doc(
+        "objective",
+        "the view pair of a two-view objective: its reference's (objective: SimCLR's for simclr, BYOL's "
+        "for mocov3), simclr (symmetric: blur 0.5, no solarization) or byol (view 1 always blurred, view 2 "
+        "solarized 0.2, softer jitter); dino keeps its multi-crop",
+    )
 
 
 @dataclass
@@ -574,6 +580,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _check_sizes(cfg)
     _check_model(cfg.model)
     _check_data(cfg.data, check_paths)
+    _check_views(cfg.data, cfg.objective.name)
     _check_objective(cfg.objective, cfg.model)
     _check_schedule(cfg.schedule, cfg.model)
     _check_optim(cfg.optim)
@@ -673,6 +680,15 @@ def _check_data(d: DataConfig, check_paths: bool) -> None:
             d.root,
             "the dataset folder holds no files",
         )
+
+
+def _check_views(d: DataConfig, objective: str) -> None:
+    _require(
+        d.views == "objective" or objective != "dino",
+        "data.views",
+        d.views,
+        "dino draws its own multi-crop views: leave data.views at objective",
+    )
 
 
 def _check_objective(o: ObjectiveConfig, m: ModelConfig) -> None:

@@ -14,6 +14,9 @@ checkpoint, summed from the run's metrics.jsonl (step and data time, not evaluat
     python -m benchmarks.learning                         # all three, seed 0 (about 2 hours on 2 CPU cores)
     python -m benchmarks.learning --objectives mocov3 --seeds 0,1
     python -m benchmarks.learning --smoke                 # synthetic data, seconds
+    python -m benchmarks.learning --objectives simclr --set data.views=byol --runs runs/byol -o byol.json
+                                                          # a variant of the recipes (give it its own
+                                                          # --runs and -o: rows name the overrides)
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", default=str(REPO / "runs" / "learning"), help="folder of the run directories")
     p.add_argument("--smoke", action="store_true", help="tiny model, synthetic data, 8 steps")
     p.add_argument("--no-train", action="store_true", help="score finished runs only; train nothing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override")
     p.add_argument("-o", "--output", help="JSON to write (default benchmarks/results/learning-DEVICE.json)")
     return p.parse_args(argv)
 
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, floors = other_objectives(earlier, "rows", names), other_objectives(earlier, "floors", names)
     for name in names:
         recipe = REPO / f"recipes/{name}-fmnist-baseline.yaml"
-        base = SMOKE if args.smoke else []
+        base = [*(SMOKE if args.smoke else []), *args.set]
         cfg = load_config(recipe, base)
         floors[name] = {
             "untrained_knn": untrained_knn(recipe, base),
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row = {
                         "objective": name,
                         "recipe": recipe.name,
+                        **({"overrides": args.set} if args.set else {}),
                         "seed": seed,
                         "step": step,
                         "budget": step / cfg.train.steps,

@@ -95,6 +95,24 @@ def test_view_specs_match_the_cpu_transforms_views(name, tiny_config):
     assert [s.size for s in specs] == [v.shape[-1] for v in cpu_views]
 
 
+@pytest.mark.parametrize("augment", ["cpu", "device"])
+def test_data_views_picks_the_named_view_pair(augment, tiny_recipe):
+    """SimCLR with data.views: byol draws MoCo-v3's (BYOL's) asymmetric pair; the default its own."""
+    from accelvit.augment import ViewSpec
+    from accelvit.objectives import view_pipeline
+
+    byol = view_pipeline(load_config(tiny_recipe, [f"data.augment={augment}", "objective.name=mocov3"]))
+    own = view_pipeline(load_config(tiny_recipe, [f"data.augment={augment}"]))
+    chosen = view_pipeline(load_config(tiny_recipe, [f"data.augment={augment}", "data.views=byol"]))
+    if augment == "device":
+        assert chosen[1] == byol[1] != own[1]
+        assert [(s.blur, s.solarize) for s in chosen[1]] == [(1.0, 0.0), (0.1, 0.2)]
+        assert own[1] == [ViewSpec(size=16, scale=(own[1][0].scale[0], 1.0))] * 2
+    else:
+        assert type(chosen[0]) is type(byol[0]) is not type(own[0])
+        assert type(chosen[0]).__name__ == "BYOLTransform"
+
+
 def test_device_augmented_run_resumes_bit_exactly(tmp_path, tiny_recipe):
     cfg = load_config(tiny_recipe, ["data.augment=device"])
     run_dir = tmp_path / "run"

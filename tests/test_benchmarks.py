@@ -171,6 +171,13 @@ def test_learning_smoke_reuses_finished_runs_and_resumes_unfinished(tmp_path):
     recipe = learning.REPO / "recipes/mocov3-fmnist-baseline.yaml"
     with pytest.raises(SystemExit, match="another recipe"):
         learning.train_run(recipe, [*learning.SMOKE, "train.seed=0", "optim.lr=0.5"], run0)
+    # a variant (--set) trains under its own --runs and says so in its rows
+    variant = ["--smoke", "--objectives", "mocov3", "--set", "optim.lr=0.5", "--runs", str(tmp_path / "lr")]
+    tried = written(tmp_path / "lr.json", learning.main([*variant, "-o", str(tmp_path / "lr.json")]))
+    assert {tuple(r["overrides"]) for r in tried["rows"]} == {("optim.lr=0.5",)}
+    from accelvit.config import load_config
+
+    assert load_config(tmp_path / "lr/smoke/mocov3-baseline-seed0/recipe.yaml").optim.lr == 0.5
 
 
 def test_schedule_families_smoke(tmp_path):

@@ -104,6 +104,10 @@ def test_set_overrides_parse_yaml(tiny_recipe):
             "objective.local_crop_size = 6: must be a multiple of model.patch_size (4)",
         ),
         (["objective.momentum=1.0"], "objective.momentum = 1.0: must be in [0, 1)"),
+        (
+            ["objective.name=dino", "data.views=byol"],
+            "data.views = 'byol': dino draws its own multi-crop views",
+        ),
         (["train.budget=1000"], "train.steps = 6: give exactly one of train.steps and train.budget"),
         (["train.steps=null"], "train.steps = None: give exactly one of train.steps and train.budget"),
         (["train.steps=null", "train.budget=-1"], "train.budget = -1.0: must be positive"),

@@ -83,9 +83,13 @@ def encoder_name(objective: str, encoder: str | None) -> str:
     return entry.teacher
 
 
+# data.views: the objective whose reference defines the named view pair
+VIEW_PAIRS: dict[str, ObjectiveName] = {"simclr": "simclr", "byol": "mocov3"}
+
+
 def view_pipeline(cfg: Config) -> tuple:
     """(per-image loader transform, per-batch view specs or None) for `data.augment` of `cfg`."""
-    objective = OBJECTIVES[cfg.objective.name]
+    objective = OBJECTIVES[VIEW_PAIRS.get(cfg.data.views, cfg.objective.name)]
     if cfg.data.augment == "device":
         return BaseImage(cfg.model.image_size), objective.view_specs(cfg.objective, cfg.model, cfg.data)
     return objective.transform(cfg.objective, cfg.model, cfg.data), None
