@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 
 from accelvit import __version__
-from accelvit.config import Config, ConfigError, dump_config
+from accelvit.config import Config, ConfigError, dump_config, load_config
 from accelvit.distributed import any_process, process_state
 
 RECIPE = "recipe.yaml"
@@ -67,6 +67,14 @@ class TrainState:
     # the loss summed since the last log line (mean over processes), so that a resumed run logs the
     # values an uninterrupted one does when log_every does not divide the checkpoint's step
     partial_log: dict = field(default_factory=dict)
+
+
+def run_recipe(run_dir: Path, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """The resolved recipe a run directory was created with (`overrides` on top); a folder that is no
+    run directory gets one line naming it."""
+    if not (run_dir / RECIPE).is_file():
+        raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
+    return load_config(run_dir / RECIPE, list(overrides), check_paths=check_paths)
 
 
 def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:

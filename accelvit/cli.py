@@ -50,14 +50,12 @@ def _default_run_dir(recipe: Path) -> Path:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from accelvit.checkpoint import RECIPE, run_lock
+    from accelvit.checkpoint import run_lock, run_recipe
     from accelvit.distributed import process_state
     from accelvit.train import pretrain
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / RECIPE).is_file():
-        raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
-    cfg = load_config(run_dir / RECIPE)
+    cfg = run_recipe(run_dir)
     process_state(cfg.train.process_timeout)
     with run_lock(run_dir):
         pretrain(cfg, run_dir, resume=True)

@@ -16,9 +16,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from accelvit.checkpoint import RECIPE, atomic_path, check_output
+from accelvit.checkpoint import atomic_path, check_output, run_recipe
 from accelvit.compress import forward_features
-from accelvit.config import ConfigError, ModelConfig, load_config
+from accelvit.config import ConfigError, ModelConfig
 from accelvit.data import open_rgb
 from accelvit.evaluate import extract_features, load_backbone
 from accelvit.export import load_export
@@ -55,10 +55,9 @@ def load_encoder(
     """The backbone of a run directory (its checkpoint, the objective's evaluation encoder unless
     `encoder` says otherwise) or of an `accelvit export` file, and its model section."""
     if source.is_dir():
-        if not (source / RECIPE).is_file():
-            raise ConfigError(f"'{source}' is neither a run directory (no {RECIPE}) nor a .safetensors file")
-        vit, _ = load_backbone(source, checkpoint, encoder)
-        return vit, load_config(source / RECIPE, check_paths=False).model
+        cfg = run_recipe(source, check_paths=False)
+        vit, _ = load_backbone(source, cfg, checkpoint, encoder)
+        return vit, cfg.model
     if source.suffix != ".safetensors" or not source.is_file():
         raise ConfigError(f"'{source}' is neither a run directory nor a .safetensors export")
     if checkpoint or encoder:

@@ -20,9 +20,9 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from accelvit.backbone import build_backbone
-from accelvit.checkpoint import RECIPE, check_output, checkpoint_step, write_atomic
+from accelvit.checkpoint import check_output, checkpoint_step, run_recipe, write_atomic
 from accelvit.compress import forward_features
-from accelvit.config import ConfigError, DataConfig, EvalConfig, ModelConfig, load_config
+from accelvit.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig
 from accelvit.data import load_dataset
 from accelvit.export import backbone_weights, chosen_encoder, resolve_checkpoint
 
@@ -177,13 +177,13 @@ def pixel_knn(model: ModelConfig, data: DataConfig, cfg: EvalConfig) -> float:
 
 
 def load_backbone(
-    run_dir: Path, checkpoint: str | None = None, encoder: str | None = None
+    run_dir: Path, cfg: Config, checkpoint: str | None = None, encoder: str | None = None
 ) -> tuple[VisionTransformer, int]:
-    """The backbone of a run's checkpoint (newest by default) and that checkpoint's step.
+    """The backbone of a run's checkpoint (newest by default) and that checkpoint's step; `cfg` is
+    the run's recipe (`checkpoint.run_recipe`).
 
     `encoder`: student or teacher (null: `eval.encoder`, else the objective's reference choice).
     """
-    cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
     vit = build_backbone(cfg.model)
     vit.load_state_dict(backbone_weights(path, chosen_encoder(cfg, encoder)))
@@ -202,16 +202,14 @@ def evaluate_run(
 
     `overrides`: `eval.*` keys (`--set eval.k=10`); the model and data are the run's own.
     """
-    if not (run_dir / RECIPE).is_file():
-        raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
     for item in overrides:
         if not item.startswith("eval."):
             raise ConfigError(f"--set {item.partition('=')[0]}: eval takes eval.* keys only")
+    cfg = run_recipe(run_dir, overrides)
     check_output(run_dir / EVAL_FILE, "eval")  # before the minutes of feature extraction
-    cfg = load_config(run_dir / RECIPE, list(overrides))
     if linear:
         cfg.eval.linear = True
-    vit, step = load_backbone(run_dir, checkpoint, encoder)
+    vit, step = load_backbone(run_dir, cfg, checkpoint, encoder)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     which = "student" if chosen_encoder(cfg, encoder) == "backbone" else "teacher"
     result = {

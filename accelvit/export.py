@@ -17,14 +17,14 @@ from timm.models.vision_transformer import VisionTransformer
 from accelvit.arch import EXTRA_PARAMETERS
 from accelvit.backbone import build_backbone, timm_kwargs
 from accelvit.checkpoint import (
-    RECIPE,
     TMP_PREFIX,
     atomic_path,
     check_output,
     latest_checkpoint,
+    run_recipe,
     verify_checkpoint,
 )
-from accelvit.config import Config, ConfigError, ModelConfig, from_dict, load_config
+from accelvit.config import Config, ConfigError, ModelConfig, from_dict
 from accelvit.objectives import encoder_name
 
 BACKBONE_PREFIX = "backbone."
@@ -93,13 +93,11 @@ def export_backbone(
     (`extra_parameters`) with the whole model section (`accelvit_model`), and
     `accelvit.backbone.build_backbone` of that section loads the file strictly.
     """
-    if not (run_dir / RECIPE).is_file():
-        raise ConfigError(f"'{run_dir}' is not a run directory (no {RECIPE})")
+    cfg = run_recipe(run_dir, check_paths=False)
     folder = out.suffix != ".safetensors"
     if folder and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"-o {out}: exists and is not an empty folder (a timm folder is written anew)")
     check_output(out.with_name(TMP_PREFIX + out.name) if folder else out)  # a folder is written there first
-    cfg = load_config(run_dir / RECIPE, check_paths=False)
     path = resolve_checkpoint(run_dir, checkpoint)
     attribute = chosen_encoder(cfg, encoder)
     backbone = backbone_weights(path, attribute)

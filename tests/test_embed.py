@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from accelvit.checkpoint import create_run_dir
+from accelvit.checkpoint import create_run_dir, run_recipe
 from accelvit.cli import main
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig
@@ -46,7 +46,7 @@ def test_embed_writes_the_features_eval_computes_for_each_image(tmp_path, tiny_c
     assert paths == [f"cats/{i:02d}.png" for i in range(4)] + [f"dogs/{i:02d}.png" for i in range(4, 7)]
 
     # eval's features of the same images (an imagefolder dataset of that folder), same order
-    vit, _ = load_backbone(run_dir)
+    vit, _ = load_backbone(run_dir, run_recipe(run_dir))
     vit.eval()
     images = load_dataset(DataConfig(dataset="imagefolder", root=str(folder), workers=0), train=True)
     expected, labels = extract_features(
