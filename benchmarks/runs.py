@@ -114,13 +114,16 @@ def other_objectives(earlier: dict, key: str, names: list[str]) -> list | dict:
     return {k: v for k, v in value.items() if k not in names}
 
 
-def scored_run(recipe: Path, overrides: list[str], run_dir: Path, cache: dict, fields: dict) -> dict:
+def scored_run(
+    recipe: Path, overrides: list[str], run_dir: Path, cache: dict, fields: dict, train: bool = True
+) -> dict | None:
     """Train `run_dir` to its end and score its final checkpoint (kNN and a linear probe) into a row
     that starts with `fields`, or take the row from `cache` ((recipe digest, step) -> row) when the
-    same run was scored before."""
+    same run was scored before. `train=False`: None for a run that is not finished."""
     from accelvit.evaluate import evaluate_run
 
-    train_run(recipe, overrides, run_dir)
+    if not train_run(recipe, overrides, run_dir, train):
+        return None
     step, identity = final_step(run_dir), recipe_digest(run_dir)
     if (identity, step) in cache:
         return cache[(identity, step)]

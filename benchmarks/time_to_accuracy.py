@@ -9,7 +9,8 @@ ImageNet figures: 4x MoCo-v3, 3.3x SimCLR, 2.5x DINO). A second seed of the base
 accelerated run at the budget that matches it gives the noise floor the ratios must be read against.
 
 Each run is an accelvit run directory under `--runs` (shared with benchmarks/learning): finished
-runs are reused, unfinished ones resumed, and rows are written as they come.
+runs are reused, unfinished ones resumed, and rows are written as they come; `--no-train` scores the
+finished ones while others train elsewhere (the summary then says `partial`).
 
     python -m benchmarks.time_to_accuracy --objectives mocov3   # one objective (1 to 2 hours on 2 CPU cores)
     python -m benchmarks.time_to_accuracy --gpu                 # batch 256, bf16, full splits, on one GPU
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--gpu", action="store_true", help="a size for one GPU (runs anywhere, slowly)")
     size.add_argument("--smoke", action="store_true")
+    p.add_argument("--no-train", action="store_true", help="score finished runs only; train nothing")
     p.add_argument("-o", "--output", default=None)
     return p.parse_args(argv)
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     cache = cached_rows(earlier)
     rows, summary = other_objectives(earlier, "rows", names), other_objectives(earlier, "summary", names)
 
-    def measure(name: str, kind: str, fraction: float, seed: int, budget_units: float) -> dict:
+    def measure(name: str, kind: str, fraction: float, seed: int, budget_units: float) -> dict | None:
         recipe = REPO / f"recipes/{name}-fmnist-{kind}.yaml"
         overrides = [*common, f"train.seed={seed}"]
         if kind == "accel":
@@ -131,7 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
         label = "baseline" if kind == "baseline" else f"accel-{fraction:g}"
         run_dir = runs / f"{name}-{label}-seed{seed}"
         fields = {"objective": name, "recipe": kind, "fraction": fraction, "seed": seed}
-        row = scored_run(recipe, overrides, run_dir, cache, {**fields, "budget": fraction * budget_units})
+        fields["budget"] = fraction * budget_units
+        row = scored_run(recipe, overrides, run_dir, cache, fields, train=not args.no_train)
+        if row is None:
+            print(f"{name:>7} {kind:>8} {fraction:5.3f} B seed {seed}: {run_dir} is not finished; not scored")
+            return None
         step = row["step"]
         rows.append(row)
         print(f"{name:>7} {kind:>8} {fraction:5.3f} B seed {seed} ({step} steps, {row['minutes']:.1f} min): "
@@ -144,17 +150,18 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(baseline_recipe, common)
         units = cfg.train.steps * full_step_units(baseline_recipe, common)
         base = measure(name, "baseline", 1.0, seeds[0], units)
-        for fraction in FRACTIONS:
-            measure(name, "accel", fraction, seeds[0], units)
+        accel = [measure(name, "accel", fraction, seeds[0], units) for fraction in FRACTIONS]
+        if base is None or not any(accel):  # --no-train before these runs finished: nothing to compare
+            continue
         mine = [r for r in rows if r["objective"] == name]
         knn = speedup(mine, "knn_top1")
         # the second seed: the baseline at B, and the accelerated run at the budget that matches it
         matched = min((f for f in FRACTIONS if f * units >= knn.get("budget", units) - 1e-6), default=1.0)
-        for seed in seeds[1:]:
-            measure(name, "baseline", 1.0, seed, units)
-            measure(name, "accel", matched, seed, units)
+        second = [measure(name, kind, f, seed, units) for seed in seeds[1:] for kind, f in
+                  (("baseline", 1.0), ("accel", matched))]  # fmt: skip
         mine = [r for r in rows if r["objective"] == name]
         summary[name] = {
+            "partial": None in accel + second,  # --no-train while some runs still train
             "baseline_knn": base["knn_top1"],
             "baseline_linear": base["linear_top1"],
             "untrained_knn": untrained_knn(baseline_recipe, common),
@@ -172,7 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(rows, summary))
     plot(rows, summary, Path(out).with_suffix(".png"))
     return _write(rows, summary, out, runs, size)
-
 
 
 def _write(rows: list[dict], summary: dict, out: str, runs: Path, size: str) -> dict:

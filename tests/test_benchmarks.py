@@ -83,6 +83,18 @@ def test_time_to_accuracy_smoke(tmp_path):
     kept = written(out, time_to_accuracy.main(argv))
     assert [r["objective"] for r in kept["rows"]] == ["dino"] * len(rows) + ["simclr"] * len(rows)
     assert kept["summary"]["dino"]["speedup_budget"] == 2.0 and "simclr" in kept["summary"]
+    assert kept["summary"]["simclr"]["partial"] is False
+    # scoring while a run still trains elsewhere (--no-train): it is left out, trained by no one, and
+    # the summary says it is partial
+    import shutil
+
+    from accelvit.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(runs / "smoke/simclr-accel-0.5-seed0")
+    shutil.rmtree(last)
+    partial = written(out, time_to_accuracy.main([*argv, "--no-train"]))
+    assert [r for r in partial["rows"] if r["objective"] == "simclr"] == [r for r in rows if r["fraction"] != 0.5]
+    assert partial["summary"]["simclr"]["partial"] is True and not last.exists()
 
 
 def test_gpu_size_sets_batch_precision_and_full_splits():
