@@ -86,6 +86,32 @@ def training_minutes(run_dir: Path, step: int | None = None) -> float:
     return seconds / 60
 
 
+def alone_minutes(recipe: Path, overrides: list[str], steps: int = 100, warmup: int = 20) -> float:
+    """Training minutes of the recipe's whole run, from the median step (and data) time of `steps`
+    steps timed in a throwaway run, the first `warmup` not counted. Runs trained side by side share
+    the cores, so their own minutes do not give a wall-clock ratio; this times the uncompressed
+    baseline, whose steps all cost the same, on whatever the machine has free now (run it alone).
+    The median: the mean of 40 steps moved by 25% between repeats here (31 to 41 minutes)."""
+    import statistics
+    import tempfile
+
+    cfg = load_config(recipe, overrides)
+    timed = [
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "train.eval_every=null",
+        f"train.checkpoint_every={steps}",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, short = Path(tmp) / "run", load_config(recipe, [*overrides, *timed])
+        create_run_dir(run_dir, short)
+        pretrain(short, run_dir)
+        seconds = [
+            r["step_s"] + r["data_s"] for r in read_metrics(run_dir) if "step_s" in r and r["step"] > warmup
+        ]
+    return statistics.median(seconds) * cfg.train.steps / 60
+
+
 def final_step(run_dir: Path) -> int:
     """The step of the run's newest checkpoint."""
     last = latest_checkpoint(run_dir)

@@ -71,6 +71,7 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert rows[4]["budget"] == pytest.approx(rows[0]["budget"]) and rows[4]["step"] > rows[0]["step"]
     summary = result["summary"]["simclr"]
     assert set(summary["knn"]) >= {"target", "reached"} and 0 <= summary["untrained_knn"] <= 1
+    assert summary["baseline_minutes_alone"] > 0  # timed in a throwaway run
     assert set(summary["seeds"]["baseline"]) == {"0", "1"}
     assert out.with_suffix(".png").is_file()
     again = written(out, time_to_accuracy.main(argv))  # every run reused, every score from the cache
