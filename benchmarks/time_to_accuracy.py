@@ -92,9 +92,9 @@ def interpolate_log(points: list[tuple[float, float]], x: float) -> float:
     return points[0][1] if x < points[0][0] else points[-1][1]
 
 
-def speedup(rows: list[dict], metric: str, baseline_minutes: float | None = None) -> dict:
+def speedup(rows: list[dict], metric: str, baseline_minutes: float) -> dict:
     """B over the smallest accelerated budget reaching the seed-0 baseline's `metric` at B; in wall
-    clock, `baseline_minutes` (default: its run's) over the accelerated minutes interpolated there."""
+    clock, `baseline_minutes` (the baseline timed alone) over the accelerated minutes interpolated there."""
     baseline = next(r for r in rows if r["recipe"] == "baseline" and r["seed"] == rows[0]["seed"])
     accel = sorted((r for r in rows if r["recipe"] == "accel" and r["seed"] == baseline["seed"]),
                    key=lambda r: r["budget"])  # fmt: skip
@@ -108,9 +108,7 @@ def speedup(rows: list[dict], metric: str, baseline_minutes: float | None = None
         "reached": True,
         "budget": reached,
         "speedup_budget": baseline["budget"] / reached,
-        "speedup_wall": (baseline_minutes or baseline["minutes"]) / wall
-        if wall > 0
-        else None,  # smoke: 0 min
+        "speedup_wall": baseline_minutes / wall if wall > 0 else None,  # smoke runs round to 0 minutes
     }
 
 
@@ -135,8 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
             overrides += ["train.steps=null", f"train.budget={fraction * budget_units}"]
         label = "baseline" if kind == "baseline" else f"accel-{fraction:g}"
         run_dir = runs / f"{name}-{label}-seed{seed}"
-        fields = {"objective": name, "recipe": kind, "fraction": fraction, "seed": seed}
-        fields["budget"] = fraction * budget_units
+        fields = {
+            "objective": name,
+            "recipe": kind,
+            "fraction": fraction,
+            "seed": seed,
+            "budget": fraction * budget_units,
+        }
         row = scored_run(recipe, overrides, run_dir, cache, fields, train=not args.no_train)
         if row is None:
             print(f"{name:>7} {kind:>8} {fraction:5.3f} B seed {seed}: {run_dir} is not finished; not scored")

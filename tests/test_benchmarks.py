@@ -115,13 +115,13 @@ def test_speedup_interpolates_in_log_budget():
         {"recipe": "accel", "seed": 0, "budget": 4, "knn_top1": 0.74, "minutes": 20},
         {"recipe": "accel", "seed": 1, "budget": 4, "knn_top1": 0.9, "minutes": 20},  # other seeds: noise floor only
     ]
-    result = time_to_accuracy.speedup(rows, "knn_top1")
+    result = time_to_accuracy.speedup(rows, "knn_top1", 40)
     reached = 2 * 2 ** ((0.7 - 0.66) / (0.74 - 0.66))  # halfway from 2 to 4 in log budget
     assert result["budget"] == pytest.approx(reached)
     assert result["speedup_budget"] == pytest.approx(8 / reached)
-    assert result["speedup_wall"] == pytest.approx(40 / 15)  # minutes interpolated the same way
+    assert result["speedup_wall"] == pytest.approx(40 / 15)  # baseline minutes over minutes interpolated there
     rows[3]["knn_top1"] = 0.65
-    assert time_to_accuracy.speedup(rows, "knn_top1") == {"target": 0.7, "reached": False, "best_accel": 0.66}
+    assert time_to_accuracy.speedup(rows, "knn_top1", 40) == {"target": 0.7, "reached": False, "best_accel": 0.66}
 
 
 def test_compression_study_smoke(tmp_path):
