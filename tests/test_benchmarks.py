@@ -76,6 +76,11 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert out.with_suffix(".png").is_file()
     again = written(out, time_to_accuracy.main(argv))  # every run reused, every score from the cache
     assert again["rows"] == rows
+    assert again["summary"]["simclr"]["baseline_alone_timings"] == summary["baseline_alone_timings"]  # kept
+    retimed = written(out, time_to_accuracy.main([*argv, "--retime"]))["summary"]["simclr"]
+    timings = retimed["baseline_alone_timings"]
+    assert timings[0] == summary["baseline_alone_timings"][0] and len(timings) == 2
+    assert retimed["baseline_minutes_alone"] == pytest.approx(sum(timings) / 2)  # the median of two
     # another objective measured in an earlier sitting keeps its rows and summary
     other = json.loads(out.read_text())
     other["rows"] = [{**r, "objective": "dino", "run_recipe": f"dino-{i}"} for i, r in enumerate(rows)] + rows
