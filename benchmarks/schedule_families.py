@@ -26,7 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `python benchmarks/NAME.py`
 from benchmarks.common import REPO, RESULTS, device, write_result  # noqa: E402
-from benchmarks.runs import cached_rows, earlier_result, scored_run, train_run, training_minutes  # noqa: E402
+from benchmarks.runs import (  # noqa: E402
+    cached_rows,
+    earlier_result,
+    other_objectives,
+    scored_run,
+    train_run,
+    training_minutes,
+)
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
 
 FAMILIES = ("uncompressed", "curriculum", "constant", "random", "plan", "adaptive")
@@ -170,9 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     suffix = "" if size == "cpu" else f"-{size}"
     out = args.output or str(RESULTS / f"schedule_families{suffix}-{device().type}.json")
-    cache = cached_rows(earlier_result(out))
-    rows: list[dict] = []
-    for name in args.objectives.split(","):
+    earlier = earlier_result(out)
+    cache, names = cached_rows(earlier), args.objectives.split(",")
+    rows: list[dict] = other_objectives(earlier, "rows", names)
+    for name in names:
         baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
         units = load_config(baseline, common).train.steps * full_step_units(baseline, common)
         budget = args.fraction * units
@@ -190,7 +198,6 @@ def main(argv: list[str] | None = None) -> dict:
             write_result("schedule_families", {"size": size, "rows": rows}, out)
     print(format_table(rows))
     return write_result("schedule_families", {"size": size, "rows": rows}, out)
-
 
 
 def format_table(rows: list[dict]) -> str:
