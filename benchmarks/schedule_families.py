@@ -3,8 +3,10 @@
 For each objective (SimCLR first), at `--fraction` of the baseline recipe's budget B:
 - uncompressed: the baseline recipe;
 - curriculum: the accelerated recipe's hand-made schedule;
-- constant: token dropout at one keep ratio whose step costs the curriculum's mean (the reference
-  finds constant compression plateaus);
+- constant: one setting for the whole run whose step costs the curriculum's mean (the reference
+  finds constant compression plateaus): token dropout at the base patch, or, where dropping down to
+  the lowest keep the schedules use is still dearer (MoCo-v3's keys see every token), twice the base
+  patch at the keep that costs the mean, or all tokens if even that is cheaper;
 - random: a patch size drawn per step from {base, 2 x base}, weighted to the curriculum's mean cost
   (FlexiViT's sampling, the peer baseline a schedule has to beat);
 - plan: `accelvit plan` (FLOPs cost) from grad-error reports at 0, 1/4, 1/2 and 3/4 of a short
@@ -77,15 +79,22 @@ def curriculum_mean_cost(recipe: Path, overrides: list[str]) -> float:
     return mean_cost(simulate(cfg, shape, flops_cost(cfg, shape), cfg.train.batch_size))
 
 
-def constant_keep(cost, base: int, target: float) -> float:
-    """The keep ratio at the base patch whose step costs `target` of the full step (bisection)."""
+MIN_KEEP = 0.25  # the lowest keep of the curriculum and the plan's candidates: below it, dropout degenerates
+
+
+def constant_setting(cost, base: int, target: float):
+    """The constant setting whose step costs `target` of the full step (bisection on keep): at the base
+    patch while a keep of at least MIN_KEEP gets there, else at twice the base patch."""
     from accelvit.setting import Setting
 
+    patch = base if cost(Setting(MIN_KEEP, base)) <= target else 2 * base
+    if cost(Setting(1.0, patch)) <= target:
+        return Setting(1.0, patch)
     lo, hi = 0.01, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(Setting(mid, base)) < target else (lo, mid)
-    return round((lo + hi) / 2, 4)
+        lo, hi = (mid, hi) if cost(Setting(mid, patch)) < target else (lo, mid)
+    return Setting(round((lo + hi) / 2, 4), patch)
 
 
 def random_weights(cost, base: int, target: float) -> list[float]:
@@ -151,8 +160,9 @@ def family_overrides(
     if family == "curriculum":
         return accel, budgeted, 0.0
     if family == "constant":
-        keep = constant_keep(cost, base, mean)
-        return accel, [*budgeted, f"schedule.keep={keep}", f"schedule.patch={base}", "schedule.merge=0"], 0.0
+        fixed = constant_setting(cost, base, mean)
+        settings = [f"schedule.keep={fixed.keep}", f"schedule.patch={fixed.patch}", "schedule.merge=0"]
+        return accel, [*budgeted, *settings], 0.0
     if family == "random":
         weights = random_weights(cost, base, mean)
         patch = f"{{shape: random, choices: [{base}, {2 * base}], weights: {weights}}}"

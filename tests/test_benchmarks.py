@@ -225,7 +225,16 @@ def test_constant_and_random_settings_match_a_mean_cost():
     def cost(s: Setting) -> float:  # a made-up cost: linear in keep, patch 8 at a quarter
         return s.keep * (0.25 if s.patch == 8 else 1.0)
 
-    assert schedule_families.constant_keep(cost, 4, 0.4) == pytest.approx(0.4, abs=1e-3)
+    fixed = schedule_families.constant_setting(cost, 4, 0.4)
+    assert fixed.patch == 4 and fixed.keep == pytest.approx(0.4, abs=1e-3)
+
+    def keys_see_all(s: Setting) -> float:  # MoCo-v3: a quarter of the step is the keys' full forward
+        return 0.25 * (0.25 if s.patch == 8 else 1.0) + 0.75 * cost(s)
+
+    # 0.2 is out of dropout's reach at patch 4 (keep 0.25 costs 0.4375): twice the patch, at the keep for 0.2
+    fixed = schedule_families.constant_setting(keys_see_all, 4, 0.2)
+    assert fixed.patch == 8 and keys_see_all(fixed) == pytest.approx(0.2, abs=1e-3)
+    assert schedule_families.constant_setting(keys_see_all, 4, 0.3) == Setting(1.0, 8)  # 0.25 at most
     small, big = schedule_families.random_weights(cost, 4, 0.4)
     assert small * 1.0 + big * 0.25 == pytest.approx(0.4, abs=1e-3) and small + big == pytest.approx(1.0)
 
