@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import itertools
+import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -265,9 +267,21 @@ class StepBatchSampler:
 
 def _leave_stops_to_the_trainer(_: int) -> None:
     # Ctrl-C, and SIGTERM from a scheduler, reach the whole process group; the training process
-    # handles them and checkpoints, which needs its workers alive until then.
+    # handles them and checkpoints, which needs its workers alive until then. A SIGTERM from the
+    # training process itself is multiprocessing ending its daemonic children at exit (or torch
+    # after a shutdown timeout): ignored, it would leave that exit waiting on this worker forever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS and Windows cannot tell who sent it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_obey_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _obey_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # exit 0: torch's SIGCHLD handler in the parent reports other exits as failures
 
 
 def build_loader(

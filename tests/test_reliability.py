@@ -486,6 +486,23 @@ def test_sigterm_to_the_process_group_stops_with_a_checkpoint(tmp_path, tiny_rec
     assert "stopped at step" in out and "resume with" in out and checkpoint.name.startswith("step_")
 
 
+def test_an_exit_with_a_loader_still_open_does_not_wait_on_its_workers(tmp_path):
+    # A budgeted run's sampler has no end, so its loader is never exhausted. When one is still open at
+    # exit (a benchmark stopped by another run's lock), multiprocessing ends the daemonic workers with
+    # SIGTERM from their parent and waits for them: they must obey that one.
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import torch\n"
+        "from accelvit.data import StepBatchSampler, build_loader\n"
+        "images = [(torch.zeros(1, 4, 4), 0)] * 16\n"
+        "loader = iter(build_loader(images, lambda x: [x], 2, StepBatchSampler(16, 4, 0, 0, None)))\n"
+        "next(loader)\n"
+        "raise SystemExit('stopped with the loader open')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr == "stopped with the loader open\n"
+
+
 def test_a_closed_stdout_never_costs_the_stop_checkpoint(tmp_path, tiny_recipe):
     run_dir = tmp_path / "run"
     args = [
