@@ -16,6 +16,7 @@ Every run is scored by kNN top-1 and a linear probe; the table gives training mi
 the estimator cost (plan: the short run and its reports; adaptive: the budget its stages took).
 
     python -m benchmarks.schedule_families --objectives simclr    # 1 to 2 hours on 2 CPU cores
+    python -m benchmarks.schedule_families --objectives simclr --seed 1   # another seed, same JSON
     python -m benchmarks.schedule_families --smoke                # synthetic data, seconds
 """
 
@@ -31,7 +32,6 @@ from benchmarks.common import REPO, RESULTS, device, write_result  # noqa: E402
 from benchmarks.runs import (  # noqa: E402
     cached_rows,
     earlier_result,
-    other_objectives,
     scored_run,
     train_run,
     training_minutes,
@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--objectives", default="simclr,mocov3")
     p.add_argument("--fraction", type=float, default=0.5, help="budget as a fraction of the baseline's B")
     p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--seed", type=int, default=0, help="training seed; its rows join the others' in the JSON")
     p.add_argument("--runs", default=str(REPO / "runs" / "families"), help="folder of the run directories")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--gpu", action="store_true")
@@ -108,7 +109,7 @@ def random_weights(cost, base: int, target: float) -> list[float]:
 
 
 def plan_schedule(
-    recipe: Path, overrides: list[str], budget: float, runs: Path, name: str
+    recipe: Path, overrides: list[str], budget: float, runs: Path, name: str, seed: int = 0
 ) -> tuple[Path, float]:
     """Grad-error reports of a short uncompressed run -> `accelvit plan` -> a schedule file; its cost
     in minutes (the short run's training and its reports)."""
@@ -117,7 +118,7 @@ def plan_schedule(
     from accelvit.plan import plan, schedule_from_plan, write_schedule
     from accelvit.report import load_grad_report
 
-    source = runs / f"{name}-plan-source"
+    source = runs / f"{name}-plan-source{_seed_suffix(seed)}"
     base = _base_patch(recipe, overrides)
     strategies = f"0.5:{base},0.25:{base},1:{2 * base},0.5:{2 * base},0.25:{2 * base}"
     train_run(
@@ -133,10 +134,14 @@ def plan_schedule(
     )
     paths = sorted((source / GRAD_ERROR).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
     reports = [load_grad_report(p, SCHEMA) for p in paths]
-    out = runs / f"{name}-plan.yaml"
+    out = runs / f"{name}-plan{_seed_suffix(seed)}.yaml"
     write_schedule(out, schedule_from_plan(plan(reports, base, "flops")), [p.name for p in paths])
     minutes = training_minutes(source) + sum(r["wall_s"] for r in reports) / 60
     return out, minutes
+
+
+def _seed_suffix(seed: int) -> str:
+    return f"-seed{seed}" if seed else ""  # seed 0 keeps the names its finished runs have
 
 
 def _base_patch(recipe: Path, overrides: list[str]) -> int:
@@ -146,7 +151,7 @@ def _base_patch(recipe: Path, overrides: list[str]) -> int:
 
 
 def family_overrides(
-    family: str, name: str, common: list[str], budget: float, runs: Path
+    family: str, name: str, common: list[str], budget: float, runs: Path, seed: int = 0
 ) -> tuple[Path, list[str], float]:
     """The recipe, overrides and up-front estimator minutes of one family's run."""
     baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
@@ -168,7 +173,7 @@ def family_overrides(
         patch = f"{{shape: random, choices: [{base}, {2 * base}], weights: {weights}}}"
         return accel, [*budgeted, "schedule.keep=1.0", f"schedule.patch={patch}", "schedule.merge=0"], 0.0
     if family == "plan":
-        path, minutes = plan_schedule(baseline, common, budget, runs, name)
+        path, minutes = plan_schedule(baseline, common, budget, runs, name, seed)
         return accel, [*budgeted, "schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"], minutes
     if family == "adaptive":
         candidates = f"0.5:{base},0.25:{base},1:{2 * base},0.5:{2 * base},0.25:{2 * base}"
@@ -182,22 +187,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     size = "smoke" if args.smoke else "gpu" if args.gpu else "cpu"
-    common = {"smoke": SMOKE, "gpu": GPU, "cpu": []}[size]
+    common = [*{"smoke": SMOKE, "gpu": GPU, "cpu": []}[size], f"train.seed={args.seed}"]
     runs = Path(args.runs) / ("" if size == "cpu" else size)
     runs.mkdir(parents=True, exist_ok=True)
     suffix = "" if size == "cpu" else f"-{size}"
     out = args.output or str(RESULTS / f"schedule_families{suffix}-{device().type}.json")
     earlier = earlier_result(out)
-    cache, names = cached_rows(earlier), args.objectives.split(",")
-    rows: list[dict] = other_objectives(earlier, "rows", names)
+    cache, names, seed = cached_rows(earlier), args.objectives.split(","), args.seed
+    # the other objectives' and the other seeds' rows stay as they are (measured in sittings of their own)
+    rows = [r for r in earlier.get("rows", []) if r["objective"] not in names or r.get("seed", 0) != seed]
     for name in names:
         baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
         units = load_config(baseline, common).train.steps * full_step_units(baseline, common)
         budget = args.fraction * units
         for family in args.families.split(","):
-            recipe, overrides, estimator_minutes = family_overrides(family, name, common, budget, runs)
-            run_dir = runs / f"{name}-{family}-{args.fraction:g}"
-            fields = {"objective": name, "family": family, "fraction": args.fraction, "overrides": overrides}
+            recipe, overrides, estimator_minutes = family_overrides(family, name, common, budget, runs, seed)
+            run_dir = runs / f"{name}-{family}-{args.fraction:g}{_seed_suffix(seed)}"
+            fields = {"objective": name, "family": family, "fraction": args.fraction, "seed": seed}
+            fields["overrides"] = overrides
             fields["estimator_minutes"] = round(estimator_minutes, 3)
             row = scored_run(recipe, overrides, run_dir, cache, fields)
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -212,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| objective | family | kNN top-1 | linear top-1 | minutes | steps | estimator |",
-        "|---|---|---|---|---|---|---|",
+        "| objective | family | seed | kNN top-1 | linear top-1 | minutes | steps | estimator |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         estimator = (
@@ -221,8 +228,8 @@ def format_table(rows: list[dict]) -> str:
             else f"{r['estimator_minutes']:.1f} min" if r["estimator_minutes"] else "-"
         )  # fmt: skip
         lines.append(
-            f"| {r['objective']} | {r['family']} | {r['knn_top1']:.4f} | {r['linear_top1']:.4f} "
-            f"| {r['minutes']:.1f} | {r['step']} | {estimator} |"
+            f"| {r['objective']} | {r['family']} | {r.get('seed', 0)} | {r['knn_top1']:.4f} "
+            f"| {r['linear_top1']:.4f} | {r['minutes']:.1f} | {r['step']} | {estimator} |"
         )
     return "\n".join(lines)
 

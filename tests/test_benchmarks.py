@@ -216,6 +216,17 @@ def test_schedule_families_smoke(tmp_path):
     for family in ("constant", "random"):
         assert abs(rows[family]["step"] - rows["curriculum"]["step"]) <= 0.25 * rows["curriculum"]["step"]
     assert rows["uncompressed"]["step"] < rows["curriculum"]["step"]
+    # a second seed joins the first's rows in the same JSON, in run directories of its own
+    again = written(out, schedule_families.main([*argv, "--seed", "1", "--families", "uncompressed,plan"]))
+    assert again["rows"][: len(result["rows"])] == result["rows"]
+    seeded = again["rows"][len(result["rows"]) :]
+    assert [(r["family"], r["seed"]) for r in seeded] == [("uncompressed", 1), ("plan", 1)]
+    assert seeded[0]["run_recipe"] != rows["uncompressed"]["run_recipe"]  # trained, not the seed-0 row
+    from accelvit.config import load_config
+
+    runs = tmp_path / "runs" / "smoke"
+    assert load_config(runs / "simclr-uncompressed-0.5-seed1" / "recipe.yaml").train.seed == 1
+    assert (runs / "simclr-plan-seed1.yaml").is_file() and (runs / "simclr-plan-source-seed1").is_dir()
 
 
 def test_constant_and_random_settings_match_a_mean_cost():
