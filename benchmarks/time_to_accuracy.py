@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     names, earlier = args.objectives.split(","), earlier_result(out)
     earlier_summary = earlier.get("summary", {})
     cache = cached_rows(earlier)
-    rows, summary = other_objectives(earlier, "rows", names), other_objectives(earlier, "summary", names)
+    rows = other_objectives(earlier, "rows", names)
+    # an objective's earlier summary, with the alone timings it keeps, stays until its own is
+    # recomputed: a sitting stopped midway (rows are written as they come) must not lose them
+    summary = dict(earlier_summary)
 
     def measure(name: str, kind: str, fraction: float, seed: int, budget_units: float) -> dict | None:
         recipe = REPO / f"recipes/{name}-fmnist-{kind}.yaml"

@@ -57,7 +57,7 @@ def test_grad_error_cost_smoke(tmp_path):
     assert all(r["batches"] == 2 and r["estimator_s"] > 0 for r in result["rows"])
 
 
-def test_time_to_accuracy_smoke(tmp_path):
+def test_time_to_accuracy_smoke(tmp_path, monkeypatch):
     out, runs = tmp_path / "tta.json", tmp_path / "runs"
     argv = ["--smoke", "--objectives", "simclr", "--runs", str(runs), "-o", str(out)]
     result = written(out, time_to_accuracy.main(argv))
@@ -101,6 +101,20 @@ def test_time_to_accuracy_smoke(tmp_path):
     partial = written(out, time_to_accuracy.main([*argv, "--no-train"]))
     assert [r for r in partial["rows"] if r["objective"] == "simclr"] == [r for r in rows if r["fraction"] != 0.5]
     assert partial["summary"]["simclr"]["partial"] is True and not last.exists()
+    # a sitting stopped midway keeps the alone timings of the earlier ones (they are not taken again)
+    timed = partial["summary"]["simclr"]["baseline_alone_timings"]
+
+    def stopped(recipe, overrides, run_dir, *args, **kwargs):
+        if run_dir.name == "simclr-accel-0.5-seed0":
+            raise SystemExit(f"stopped; run the benchmark again to resume {run_dir}")
+        return scored_run(recipe, overrides, run_dir, *args, **kwargs)
+
+    from benchmarks.runs import scored_run
+
+    monkeypatch.setattr(time_to_accuracy, "scored_run", stopped)
+    with pytest.raises(SystemExit):
+        time_to_accuracy.main(argv)
+    assert json.loads(out.read_text())["summary"]["simclr"]["baseline_alone_timings"] == timed
 
 
 def test_gpu_size_sets_batch_precision_and_full_splits():
