@@ -44,6 +44,7 @@ GPU = [
     "data.workers=8",
     "eval.train_limit=null",
     "eval.test_limit=null",
+    "train.eval_every=null",  # in-loop kNN on the full splits: 10 to 15 s each on an H200; scored at the end
 ]
 SMOKE = [*SMOKE_SCORED, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=null"]
 SMOKE += ["eval.linear_epochs=2"]
