@@ -120,7 +120,7 @@ def plan_schedule(
 
     source = runs / f"{name}-plan-source{_seed_suffix(seed)}"
     base = _base_patch(recipe, overrides)
-    strategies = f"0.5:{base},0.25:{base},1:{2 * base},0.5:{2 * base},0.25:{2 * base}"
+    strategies = _candidates(base)
     train_run(
         recipe,
         [
@@ -138,6 +138,11 @@ def plan_schedule(
     write_schedule(out, schedule_from_plan(plan(reports, base, "flops")), [p.name for p in paths])
     minutes = training_minutes(source) + sum(r["wall_s"] for r in reports) / 60
     return out, minutes
+
+
+def _candidates(base: int) -> str:
+    """The compressed settings the plan's reports and the adaptive stages both choose among."""
+    return f"0.5:{base},0.25:{base},1:{2 * base},0.5:{2 * base},0.25:{2 * base}"
 
 
 def _seed_suffix(seed: int) -> str:
@@ -176,7 +181,7 @@ def family_overrides(
         path, minutes = plan_schedule(baseline, common, budget, runs, name, seed)
         return accel, [*budgeted, "schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"], minutes
     if family == "adaptive":
-        candidates = f"0.5:{base},0.25:{base},1:{2 * base},0.5:{2 * base},0.25:{2 * base}"
+        candidates = _candidates(base)
         return accel, [*budgeted, "schedule.mode=adaptive", f"schedule.stages={list(STAGES)}",
                        f"schedule.candidates={candidates}"], 0.0  # fmt: skip
     raise ValueError(family)

@@ -103,13 +103,12 @@ def test_time_to_accuracy_smoke(tmp_path, monkeypatch):
     assert partial["summary"]["simclr"]["partial"] is True and not last.exists()
     # a sitting stopped midway keeps the alone timings of the earlier ones (they are not taken again)
     timed = partial["summary"]["simclr"]["baseline_alone_timings"]
+    from benchmarks.runs import scored_run
 
     def stopped(recipe, overrides, run_dir, *args, **kwargs):
         if run_dir.name == "simclr-accel-0.5-seed0":
             raise SystemExit(f"stopped; run the benchmark again to resume {run_dir}")
         return scored_run(recipe, overrides, run_dir, *args, **kwargs)
-
-    from benchmarks.runs import scored_run
 
     monkeypatch.setattr(time_to_accuracy, "scored_run", stopped)
     with pytest.raises(SystemExit):
