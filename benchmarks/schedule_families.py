@@ -110,9 +110,9 @@ def random_weights(cost, base: int, target: float) -> list[float]:
 
 def plan_schedule(
     recipe: Path, overrides: list[str], budget: float, runs: Path, name: str, seed: int = 0
-) -> tuple[Path, float]:
+) -> tuple[Path, float, str]:
     """Grad-error reports of a short uncompressed run -> `accelvit plan` -> a schedule file; its cost
-    in minutes (the short run's training and its reports)."""
+    in minutes (the short run's training and its reports) and its stages ("1:8 from 0, 1:4 from 0.75")."""
     from accelvit.checkpoint import GRAD_ERROR
     from accelvit.gradbias import SCHEMA
     from accelvit.plan import plan, schedule_from_plan, write_schedule
@@ -135,9 +135,10 @@ def plan_schedule(
     paths = sorted((source / GRAD_ERROR).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
     reports = [load_grad_report(p, SCHEMA) for p in paths]
     out = runs / f"{name}-plan{_seed_suffix(seed)}.yaml"
-    write_schedule(out, schedule_from_plan(plan(reports, base, "flops")), [p.name for p in paths])
+    stages = plan(reports, base, "flops")
+    write_schedule(out, schedule_from_plan(stages), [p.name for p in paths])
     minutes = training_minutes(source) + sum(r["wall_s"] for r in reports) / 60
-    return out, minutes
+    return out, minutes, ", ".join(f"{c.setting.label} from {p:g}" for p, c in stages)
 
 
 def _candidates(base: int) -> str:
@@ -158,7 +159,8 @@ def _base_patch(recipe: Path, overrides: list[str]) -> int:
 def family_overrides(
     family: str, name: str, common: list[str], budget: float, runs: Path, seed: int = 0
 ) -> tuple[Path, list[str], float]:
-    """The recipe, overrides and up-front estimator minutes of one family's run."""
+    """The recipe, overrides and row fields of one family's run: the up-front estimator minutes, and
+    the plan's stages for the plan."""
     baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
     accel = REPO / f"recipes/{name}-fmnist-accel.yaml"
     budgeted = [*common, "train.steps=null", f"train.budget={budget}", "train.eval_every=null"]
@@ -166,24 +168,26 @@ def family_overrides(
     mean = curriculum_mean_cost(accel, budgeted)
     cost = step_cost_fn(accel, budgeted)
     if family == "uncompressed":
-        return baseline, budgeted, 0.0
+        return baseline, budgeted, {"estimator_minutes": 0.0}
     if family == "curriculum":
-        return accel, budgeted, 0.0
+        return accel, budgeted, {"estimator_minutes": 0.0}
     if family == "constant":
         fixed = constant_setting(cost, base, mean)
         settings = [f"schedule.keep={fixed.keep}", f"schedule.patch={fixed.patch}", "schedule.merge=0"]
-        return accel, [*budgeted, *settings], 0.0
+        return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
     if family == "random":
         weights = random_weights(cost, base, mean)
         patch = f"{{shape: random, choices: [{base}, {2 * base}], weights: {weights}}}"
-        return accel, [*budgeted, "schedule.keep=1.0", f"schedule.patch={patch}", "schedule.merge=0"], 0.0
+        settings = ["schedule.keep=1.0", f"schedule.patch={patch}", "schedule.merge=0"]
+        return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
     if family == "plan":
-        path, minutes = plan_schedule(baseline, common, budget, runs, name, seed)
-        return accel, [*budgeted, "schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"], minutes
+        path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed)
+        settings = ["schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"]
+        return accel, [*budgeted, *settings], {"estimator_minutes": round(minutes, 3), "plan": stages}
     if family == "adaptive":
         candidates = _candidates(base)
         return accel, [*budgeted, "schedule.mode=adaptive", f"schedule.stages={list(STAGES)}",
-                       f"schedule.candidates={candidates}"], 0.0  # fmt: skip
+                       f"schedule.candidates={candidates}"], {"estimator_minutes": 0.0}  # fmt: skip
     raise ValueError(family)
 
 
@@ -199,18 +203,21 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.output or str(RESULTS / f"schedule_families{suffix}-{device().type}.json")
     earlier = earlier_result(out)
     cache, names, seed = cached_rows(earlier), args.objectives.split(","), args.seed
-    # the other objectives' and the other seeds' rows stay as they are (measured in sittings of their own)
-    rows = [r for r in earlier.get("rows", []) if r["objective"] not in names or r.get("seed", 0) != seed]
+    families = args.families.split(",")
+    # the rows this call does not measure stay as they are (measured in sittings or lanes of their own)
+    rows = [
+        r for r in earlier.get("rows", [])
+        if r["objective"] not in names or r.get("seed", 0) != seed or r["family"] not in families
+    ]  # fmt: skip
     for name in names:
         baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
         units = load_config(baseline, common).train.steps * full_step_units(baseline, common)
         budget = args.fraction * units
-        for family in args.families.split(","):
-            recipe, overrides, estimator_minutes = family_overrides(family, name, common, budget, runs, seed)
+        for family in families:
+            recipe, overrides, extra = family_overrides(family, name, common, budget, runs, seed)
             run_dir = runs / f"{name}-{family}-{args.fraction:g}{_seed_suffix(seed)}"
             fields = {"objective": name, "family": family, "fraction": args.fraction, "seed": seed}
-            fields["overrides"] = overrides
-            fields["estimator_minutes"] = round(estimator_minutes, 3)
+            fields |= {"overrides": overrides, **extra}
             row = scored_run(recipe, overrides, run_dir, cache, fields)
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
             row["estimator_units"] = last.get("estimator_spent", 0.0)

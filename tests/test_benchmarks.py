@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -224,6 +225,9 @@ def test_schedule_families_smoke(tmp_path):
     assert list(rows) == list(schedule_families.FAMILIES)
     assert all(0 <= r["knn_top1"] <= 1 and 0 <= r["linear_top1"] <= 1 for r in rows.values())
     assert rows["adaptive"]["estimator_units"] > 0 and rows["plan"]["estimator_minutes"] > 0
+    reports = list((tmp_path / "runs/smoke/simclr-plan-source/grad_error").glob("step_*.json"))
+    stages = rows["plan"]["plan"].split(", ")  # one stage per report: "1:8 from 0, 1:4 from 0.75"
+    assert len(stages) == len(reports) and all(re.fullmatch(r"[\d.]+:\d+ from [\d.]+", s) for s in stages)
     # constant and random runs cost the curriculum's mean per step: about as many steps at equal budget
     for family in ("constant", "random"):
         assert abs(rows[family]["step"] - rows["curriculum"]["step"]) <= 0.25 * rows["curriculum"]["step"]
@@ -239,6 +243,13 @@ def test_schedule_families_smoke(tmp_path):
     runs = tmp_path / "runs" / "smoke"
     assert load_config(runs / "simclr-uncompressed-0.5-seed1" / "recipe.yaml").train.seed == 1
     assert (runs / "simclr-plan-seed1.yaml").is_file() and (runs / "simclr-plan-source-seed1").is_dir()
+    # re-measuring one family (a lane of its own) keeps every other family's rows of that seed
+    (runs / "simclr-plan-0.5").rename(runs / "simclr-plan-0.5-old")
+    replanned = written(out, schedule_families.main([*argv, "--families", "plan"]))
+    assert [r for r in replanned["rows"] if r["family"] != "plan"] == [
+        r for r in again["rows"] if r["family"] != "plan"
+    ]
+    assert [(r["family"], r["seed"]) for r in replanned["rows"] if r["family"] == "plan"] == [("plan", 1), ("plan", 0)]
 
 
 def test_constant_and_random_settings_match_a_mean_cost():

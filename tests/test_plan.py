@@ -127,10 +127,9 @@ def test_candidates_within_noise_are_tied_and_the_tie_rule_decides():
     assert clear.setting == Setting(0.5, 4) and not clear.within_noise
     noisy = with_errors(MIDDLE, 0.6, 0.6)  # 2.0 - 1.3 < hypot(0.6, 0.6): full input and 0.5:4 tie
     table, errors = ca_mse_table(noisy, 4), ca_mse_errors(noisy, 4)
-    cost = {Setting(1.0, 4): 1.0, Setting(0.5, 4): 0.5, Setting(0.25, 8): 0.1}.__getitem__
-    tie = choose(table, errors=errors, cost=cost)
-    assert tie.tied == (Setting(0.5, 4), Setting(1.0, 4)) and tie.setting == Setting(0.5, 4)  # the cheaper
-    kept = choose(table, errors=errors, previous=Setting(1.0, 4), cost=cost)
+    tie = choose(table, errors=errors)
+    assert tie.tied == (Setting(0.5, 4), Setting(1.0, 4)) and tie.setting == Setting(0.5, 4)  # the lowest
+    kept = choose(table, errors=errors, previous=Setting(1.0, 4))
     assert kept.setting == Setting(1.0, 4) and kept.runner_up == Setting(0.5, 4)  # the previous stage's
     assert kept.to_dict()["tied"] == ["0.5:4", "1:4"]
 
