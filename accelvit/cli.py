@@ -192,7 +192,7 @@ def _plan(args: argparse.Namespace) -> int:
     if len(bases) != 1:
         raise ConfigError(f"the reports come from models with different base patch sizes {sorted(bases)}")
     base = bases.pop()
-    stages = plan(reports, base, args.cost)
+    stages = plan(reports, base, args.cost, args.metric)
     print(format_plan(stages))
     for warning in plan_warnings(reports, stages, base):
         print(f"warning: {warning}")
@@ -328,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost",
         default="flops",
         help="cost in CA-MSE: flops (analytic, the default: independent of machine load) or measured",
+    )
+    p.add_argument(
+        "--metric",
+        default="model",
+        help="model (CA-MSE of the whole gradient, the default) or groups (each parameter group's in "
+        "units of its own full-input noise, averaged: no group's raw gradient size decides)",
     )
     p.set_defaults(func=_plan)
 

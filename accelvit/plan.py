@@ -8,6 +8,13 @@ and lighter compression wins. Full input is always a candidate: bias 0, cost 1, 
 Used offline (`accelvit plan`: reports taken at several progress points -> a `step` schedule) and
 online (`schedule.mode: adaptive`: the run measures and decides at each stage).
 
+Two metrics. `model` (the reference's): CA-MSE of the whole gradient vector. It weighs each parameter
+by the size of its raw gradient, so the group with the largest gradients decides: with a conv stem the
+patch embedding held 96% of the whole-model CA-MSE of `1:8` (MoCo-v3, benchmarks/schedule_families),
+while AdamW scales every coordinate's step by its own gradient size. `groups`: each parameter group's
+CA-MSE in units of its own full-input batch noise (full input scores 1 in every group), averaged
+over the groups, so every block counts alike, closer to what an adaptive optimizer sees.
+
 A CA-MSE measured on K batches has a standard error (the report's jackknife `ca_mse_se`). Candidates
 whose CA-MSE is within one combined standard error of the lowest are tied, and the tie rule keeps the
 previous stage's choice if it is among them, else takes the lowest CA-MSE: a noisy ranking should not
@@ -29,6 +36,7 @@ from accelvit.config import ConfigError
 from accelvit.setting import Setting, setting_of
 
 NOISE_Z = 1.0  # candidates within this many combined standard errors of the lowest CA-MSE are tied
+METRICS = ("model", "groups")
 
 
 @dataclass(frozen=True)
@@ -63,36 +71,57 @@ class Choice:
         }
 
 
-def ca_mse_table(report: dict, base_patch: int, cost: Callable[[Setting], float] | None = None) -> dict:
-    """Setting -> CA-MSE (whole model) for each strategy of `report` and for full input.
+def ca_mse_table(
+    report: dict, base_patch: int, cost: Callable[[Setting], float] | None = None, metric: str = "model"
+) -> dict:
+    """Setting -> CA-MSE for each strategy of `report` and for full input, in `metric` (see above).
 
     `cost(setting)` gives the relative cost c; by default the report's own `ca_mse` (measured cost).
     """
+    full = Setting(1.0, base_patch)
+    if metric == "groups":
+        tables = [ca_mse_table(sub, base_patch, cost) for sub in _group_reports(report).values()]
+        return {s: sum(t[s] / t[full] for t in tables) / len(tables) for s in tables[0]}
     rows = report["strategies"]
     if not rows:
         raise ConfigError(f"grad-error report of step {report.get('step')} has no strategies")
-    table = {Setting(1.0, base_patch): rows[0]["variance_full"]}
+    table = {full: rows[0]["variance_full"]}
     for row in rows:
         setting = setting_of(row)
-        if setting == Setting(1.0, base_patch):
+        if setting == full:
             continue
         table[setting] = row["ca_mse"] if cost is None else row["bias_sq"] + cost(setting) * row["variance"]
     return table
 
 
 def ca_mse_errors(
-    report: dict, base_patch: int, cost: Callable[[Setting], float] | None = None
+    report: dict, base_patch: int, cost: Callable[[Setting], float] | None = None, metric: str = "model"
 ) -> dict[Setting, float | None]:
     """Setting -> standard error of its CA-MSE (None where the report has none, e.g. K = 2).
 
     With the report's own costs this is its jackknife `ca_mse_se`; with another cost c it is
-    sqrt(se(bias²)² + c² se(variance)²), leaving out their covariance.
+    sqrt(se(bias²)² + c² se(variance)²), leaving out their covariance. `groups`: the mean of the
+    groups' errors in their own units, as if fully correlated (they come from the same batches; an
+    upper bound), taking the full-input noise that sets a group's unit as exact.
     """
+    full = Setting(1.0, base_patch)
+    if metric == "groups":
+        subs = list(_group_reports(report).values())
+        units = [ca_mse_table(sub, base_patch, cost)[full] for sub in subs]
+        per_group = [ca_mse_errors(sub, base_patch, cost) for sub in subs]
+        errors = {}
+        for s in per_group[0]:
+            terms = [e[s] for e in per_group]
+            if any(t is None for t in terms):
+                errors[s] = None
+            else:
+                errors[s] = sum(t / u for t, u in zip(terms, units, strict=True)) / len(subs)
+        return errors
     rows = report["strategies"]
-    errors: dict[Setting, float | None] = {Setting(1.0, base_patch): rows[0].get("variance_full_se")}
+    errors: dict[Setting, float | None] = {full: rows[0].get("variance_full_se")}
     for row in rows:
         setting = setting_of(row)
-        if setting == Setting(1.0, base_patch):
+        if setting == full:
             continue
         if cost is None:
             errors[setting] = row.get("ca_mse_se")
@@ -101,6 +130,20 @@ def ca_mse_errors(
         else:
             errors[setting] = math.hypot(row["bias_sq_se"], cost(setting) * row["variance_se"])
     return errors
+
+
+def _group_reports(report: dict) -> dict[str, dict]:
+    """Parameter group -> the report as if that group were the whole model."""
+    rows = report["strategies"]
+    names = report.get("groups") or []
+    if not rows or not names or any(set(names) - set(r.get("groups", {})) for r in rows):
+        raise ConfigError(f"grad-error report of step {report.get('step')} has no per-group statistics")
+    keys = ("keep", "patch", "merge", "cost", "flops")
+    return {
+        g: {**report, "strategies": [{**{k: r[k] for k in keys if k in r}, **r["groups"][g]} for r in rows]}
+        for g in names
+    }
+
 
 
 def choose(
@@ -156,22 +199,27 @@ def choose_stage(
     return choose(table, lambda s: cost(s) >= floor - 1e-12, errors, previous)
 
 
-def plan(reports: list[dict], base_patch: int, cost: str = "flops") -> list[tuple[float, Choice]]:
+def plan(
+    reports: list[dict], base_patch: int, cost: str = "flops", metric: str = "model"
+) -> list[tuple[float, Choice]]:
     """One choice per report, ordered by the progress it was taken at (each one starts a stage).
 
     `cost`: flops (the reports' analytic ratios, the default: the same on any machine and load) or
-    measured (the step times of the machine and moment each report was taken on).
+    measured (the step times of the machine and moment each report was taken on). `metric`: model or
+    groups (module docstring).
     """
     if cost not in ("measured", "flops"):
         raise ConfigError(f"--cost {cost!r}: expected measured or flops")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
     stages: list[tuple[float, Choice]] = []
     for report in sorted(reports, key=lambda r: r["progress"]):
         flops = {setting_of(r): r["flops"] for r in report["strategies"]} | {Setting(1.0, base_patch): 1.0}
         by_flops = flops.__getitem__ if cost == "flops" else None
         previous = stages[-1][1].setting if stages else None
         choice = choose(
-            ca_mse_table(report, base_patch, by_flops),
-            errors=ca_mse_errors(report, base_patch, by_flops),
+            ca_mse_table(report, base_patch, by_flops, metric),
+            errors=ca_mse_errors(report, base_patch, by_flops, metric),
             previous=previous,
         )
         stages.append((report["progress"], choice))

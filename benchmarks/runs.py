@@ -151,8 +151,8 @@ def scored_run(
     if not train_run(recipe, overrides, run_dir, train):
         return None
     step, identity = final_step(run_dir), recipe_digest(run_dir)
-    if (identity, step) in cache:
-        return cache[(identity, step)]
+    if (identity, step) in cache:  # the same measurement, labelled by this call (families can train alike)
+        return {**cache[(identity, step)], **fields}
     result = evaluate_run(run_dir, linear=True)
     return {
         **fields,

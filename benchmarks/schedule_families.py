@@ -11,6 +11,8 @@ For each objective (SimCLR first), at `--fraction` of the baseline recipe's budg
   (FlexiViT's sampling, the peer baseline a schedule has to beat);
 - plan: `accelvit plan` (FLOPs cost) from grad-error reports at 0, 1/4, 1/2 and 3/4 of a short
   uncompressed run of a quarter of the budget;
+- plan-groups: the same reports planned with `--metric groups` (each parameter group's CA-MSE in units
+  of its own noise, so that the patch embedding's large raw gradients do not decide alone);
 - adaptive: `schedule.mode: adaptive`, the same candidates measured by the run itself.
 Every run is scored by kNN top-1 and a linear probe; the table gives training minutes, steps and what
 the estimator cost (plan: the short run and its reports; adaptive: the budget its stages took).
@@ -38,7 +40,7 @@ from benchmarks.runs import (  # noqa: E402
 )
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
 
-FAMILIES = ("uncompressed", "curriculum", "constant", "random", "plan", "adaptive")
+FAMILIES = ("uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "adaptive")
 STAGES = (0.0, 0.25, 0.5, 0.75)
 
 
@@ -109,7 +111,13 @@ def random_weights(cost, base: int, target: float) -> list[float]:
 
 
 def plan_schedule(
-    recipe: Path, overrides: list[str], budget: float, runs: Path, name: str, seed: int = 0
+    recipe: Path,
+    overrides: list[str],
+    budget: float,
+    runs: Path,
+    name: str,
+    seed: int = 0,
+    metric: str = "model",
 ) -> tuple[Path, float, str]:
     """Grad-error reports of a short uncompressed run -> `accelvit plan` -> a schedule file; its cost
     in minutes (the short run's training and its reports) and its stages ("1:8 from 0, 1:4 from 0.75")."""
@@ -134,8 +142,8 @@ def plan_schedule(
     )
     paths = sorted((source / GRAD_ERROR).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
     reports = [load_grad_report(p, SCHEMA) for p in paths]
-    out = runs / f"{name}-plan{_seed_suffix(seed)}.yaml"
-    stages = plan(reports, base, "flops")
+    out = runs / f"{name}-plan{'' if metric == 'model' else '-' + metric}{_seed_suffix(seed)}.yaml"
+    stages = plan(reports, base, "flops", metric)
     write_schedule(out, schedule_from_plan(stages), [p.name for p in paths])
     minutes = training_minutes(source) + sum(r["wall_s"] for r in reports) / 60
     return out, minutes, ", ".join(f"{c.setting.label} from {p:g}" for p, c in stages)
@@ -180,8 +188,9 @@ def family_overrides(
         patch = f"{{shape: random, choices: [{base}, {2 * base}], weights: {weights}}}"
         settings = ["schedule.keep=1.0", f"schedule.patch={patch}", "schedule.merge=0"]
         return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
-    if family == "plan":
-        path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed)
+    if family in ("plan", "plan-groups"):
+        metric = "groups" if family == "plan-groups" else "model"
+        path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed, metric)
         settings = ["schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"]
         return accel, [*budgeted, *settings], {"estimator_minutes": round(minutes, 3), "plan": stages}
     if family == "adaptive":

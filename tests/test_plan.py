@@ -161,3 +161,39 @@ def test_plan_command_prints_the_warnings(tmp_path, capsys):
     path.write_text(json.dumps(with_errors(EARLY, 0.01, 0.01, batches=2)))
     assert main(["plan", str(path), "-o", str(tmp_path / "p.yaml")]) == 0
     assert "warning: report at progress 0: K = 2 batches gives no standard errors" in capsys.readouterr().out
+
+
+def test_the_groups_metric_weighs_every_parameter_group_alike():
+    # (keep, patch, flops) -> group -> (bias_sq, variance); full-input variance 100 in the stem, 1 in the block
+    groups = {
+        (1.0, 8, 0.25): {"stem": (1.0, 100.0), "block": (1.5, 1.0)},
+        (0.5, 4, 0.5): {"stem": (40.0, 100.0), "block": (0.05, 1.0)},
+    }
+    full = {"stem": 100.0, "block": 1.0}
+    rows = [
+        {
+            "keep": keep, "patch": patch, "cost": flops, "flops": flops,
+            "bias_sq": sum(b for b, _ in by.values()), "variance": sum(v for _, v in by.values()),
+            "variance_full": sum(full.values()), "ca_mse": 0.0,
+            "groups": {g: {"bias_sq": b, "variance": v, "variance_full": full[g], "ca_mse": 0.0} for g, (b, v) in by.items()},
+        }
+        for (keep, patch, flops), by in groups.items()
+    ]  # fmt: skip
+    report = {"progress": 0.0, "step": 0, "groups": ["stem", "block"], "strategies": rows}
+    flops = {Setting(1.0, 8): 0.25, Setting(0.5, 4): 0.5, Setting(1.0, 4): 1.0}.__getitem__
+    # whole model: the stem's raw gradients decide (1:8 at 1 + 0.25 * 100 + 1.5 + 0.25 against 40 + 50 + ...)
+    assert choose(ca_mse_table(report, 4, flops)).setting == Setting(1.0, 8)
+    table = ca_mse_table(report, 4, flops, "groups")
+    assert table == pytest.approx({Setting(1.0, 4): 1.0, Setting(1.0, 8): (0.26 + 1.75) / 2, Setting(0.5, 4): (0.9 + 0.55) / 2})
+    assert plan([report], 4, "flops", "groups")[0][1].setting == Setting(0.5, 4)
+    # standard errors in each group's units, summed as if fully correlated (the same batches), over 2 groups
+    se = {"stem": (2.0, 10.0), "block": (0.1, 0.2)}  # (ca_mse_se, variance_full_se)
+    for row in rows:
+        for g, (ca_se, full_se) in se.items():
+            row["groups"][g] |= {"ca_mse_se": ca_se, "variance_full_se": full_se}
+    errors = ca_mse_errors(report, 4, metric="groups")
+    assert errors == pytest.approx({Setting(1.0, 4): (0.1 + 0.2) / 2, Setting(1.0, 8): 0.06, Setting(0.5, 4): 0.06})
+    with pytest.raises(ConfigError, match="--metric 'raw': expected one of model, groups"):
+        plan([report], 4, "flops", "raw")
+    with pytest.raises(ConfigError, match="has no per-group statistics"):
+        ca_mse_table({**report, "groups": []}, 4, flops, "groups")
