@@ -199,6 +199,9 @@ class ScheduleConfig:
         8, "adaptive: batches (K) the estimator averages over at each stage (8: benchmarks/estimator_noise)"
     )
     monotone: bool = _doc(True, "adaptive: never pick a cheaper (more compressed) strategy than before")
+    adaptive_metric: Literal["model", "groups"] = _doc(
+        "model", "adaptive: CA-MSE of the whole gradient (model) or per parameter group, averaged (groups)"
+    )
     file: str | None = _doc(
         None, "YAML file with schedule keys (e.g. written by `accelvit plan`); its keys win over the recipe's"
     )

@@ -185,16 +185,17 @@ def choose_stage(
     base_patch: int,
     previous: Setting | None,
     monotone: bool,
+    metric: str = "model",
 ) -> Choice:
-    """The adaptive schedule's choice for the next stage: CA-MSE with the run's own step costs
-    (`cost`: budget units of a step), never a cheaper step than `previous` when `monotone`."""
+    """The adaptive schedule's choice for the next stage: CA-MSE in `metric` with the run's own step
+    costs (`cost`: budget units of a step), never a cheaper step than `previous` when `monotone`."""
     full = cost(Setting(1.0, base_patch))
 
     def relative(s: Setting) -> float:
         return cost(s) / full
 
-    table = ca_mse_table(report, base_patch, relative)
-    errors = ca_mse_errors(report, base_patch, relative)
+    table = ca_mse_table(report, base_patch, relative, metric)
+    errors = ca_mse_errors(report, base_patch, relative, metric)
     floor = cost(previous) if previous is not None and monotone else 0.0
     return choose(table, lambda s: cost(s) >= floor - 1e-12, errors, previous)
 

@@ -394,7 +394,7 @@ def _decide(
     k, batch = cfg.schedule.adaptive_batches, cfg.train.batch_size
     report = estimate_at(objective, cfg, accelerator, candidates, k, state.step, progress, images)
     previous = setting_of(state.decisions[-1]) if state.decisions else None
-    choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone)
+    choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone, cfg.schedule.adaptive_metric)
     # the estimator ran K batches of `batch` images at full input and at every candidate
     units = k * batch * sum(cost(s) for s in [Setting(1.0, base), *candidates])
     state.budget_spent += units

@@ -61,7 +61,8 @@ def same_run(a: Config, b: Config) -> bool:
     if not b.train.grad_error_at:
         inert["train"] = dataclasses.replace(b.train, grad_error_batches=a.train.grad_error_batches)
     if b.schedule.mode != "adaptive":
-        inert["schedule"] = dataclasses.replace(b.schedule, adaptive_batches=a.schedule.adaptive_batches)
+        adaptive = {k: getattr(a.schedule, k) for k in ("adaptive_batches", "adaptive_metric")}
+        inert["schedule"] = dataclasses.replace(b.schedule, **adaptive)
     return a == dataclasses.replace(b, **inert)
 
 

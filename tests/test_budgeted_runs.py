@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from accelvit.checkpoint import create_run_dir
-from accelvit.config import load_config
+from accelvit.config import ConfigError, load_config
 from accelvit.train import pretrain
 
 # One uncompressed SimCLR step of the tiny recipe costs 6 units per image (2 views, forward + backward).
@@ -137,3 +137,15 @@ def test_adaptive_run_decides_logs_and_resumes_bit_exactly_across_a_decision(tmp
     ]
     resumed = load_file(str(run_dir / f"checkpoints/step_{log[-1]['step']}/model.safetensors"))
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_adaptive_run_with_the_groups_metric_ranks_in_units_of_full_input_noise(tmp_path, tiny_recipe):
+    options = [*ADAPTIVE, "schedule.stages=[0.0]", "schedule.candidates=0.5:4", "schedule.adaptive_metric=groups"]
+    _, run_dir = run(tmp_path, tiny_recipe, options)
+    (decision,) = [json.loads(line) for line in (run_dir / "schedule_decisions.jsonl").read_text().splitlines()]
+    # two settings, so full input is the choice or the runner-up; in these units it scores exactly 1
+    scores = {(decision["keep"], decision["patch"]): decision["ca_mse"]}
+    scores[(decision["runner_up"]["keep"], decision["runner_up"]["patch"])] = decision["runner_up"]["ca_mse"]
+    assert set(scores) == {(1.0, 4), (0.5, 4)} and scores[(1.0, 4)] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="schedule.adaptive_metric"):
+        load_config(tiny_recipe, ["schedule.adaptive_metric=raw"])

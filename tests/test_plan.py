@@ -7,7 +7,15 @@ import pytest
 from accelvit.cli import main
 from accelvit.config import ConfigError, load_config
 from accelvit.gradbias import SCHEMA
-from accelvit.plan import ca_mse_errors, ca_mse_table, choose, plan, plan_warnings, schedule_from_plan
+from accelvit.plan import (
+    ca_mse_errors,
+    ca_mse_table,
+    choose,
+    choose_stage,
+    plan,
+    plan_warnings,
+    schedule_from_plan,
+)
 from accelvit.schedule import setting_at
 from accelvit.setting import Setting
 
@@ -186,6 +194,9 @@ def test_the_groups_metric_weighs_every_parameter_group_alike():
     table = ca_mse_table(report, 4, flops, "groups")
     assert table == pytest.approx({Setting(1.0, 4): 1.0, Setting(1.0, 8): (0.26 + 1.75) / 2, Setting(0.5, 4): (0.9 + 0.55) / 2})
     assert plan([report], 4, "flops", "groups")[0][1].setting == Setting(0.5, 4)
+    units = {Setting(1.0, 8): 1.0, Setting(0.5, 4): 2.0, Setting(1.0, 4): 4.0}.__getitem__  # the run's step costs
+    assert choose_stage(report, units, 4, None, monotone=False, metric="groups").setting == Setting(0.5, 4)
+    assert choose_stage(report, units, 4, None, monotone=False).setting == Setting(1.0, 8)
     # standard errors in each group's units, summed as if fully correlated (the same batches), over 2 groups
     se = {"stem": (2.0, 10.0), "block": (0.1, 0.2)}  # (ca_mse_se, variance_full_se)
     for row in rows:
