@@ -10,7 +10,7 @@ online (`schedule.mode: adaptive`: the run measures and decides at each stage).
 
 Two metrics. `model` (the reference's): CA-MSE of the whole gradient vector. It weighs each parameter
 by the size of its raw gradient, so the group with the largest gradients decides: with a conv stem the
-patch embedding held 96% of the whole-model CA-MSE of `1:8` (MoCo-v3, benchmarks/schedule_families),
+patch embedding held 96% of the whole-model CA-MSE of `1:8` (MoCo-v3, README: Which CA-MSE),
 while AdamW scales every coordinate's step by its own gradient size. `groups`: each parameter group's
 CA-MSE in units of its own full-input batch noise (full input scores 1 in every group), averaged
 over the groups, so every block counts alike, closer to what an adaptive optimizer sees.
