@@ -13,7 +13,8 @@ For each objective (SimCLR first), at `--fraction` of the baseline recipe's budg
   uncompressed run of a quarter of the budget;
 - plan-groups: the same reports planned with `--metric groups` (each parameter group's CA-MSE in units
   of its own noise, so that the patch embedding's large raw gradients do not decide alone);
-- adaptive: `schedule.mode: adaptive`, the same candidates measured by the run itself.
+- adaptive: `schedule.mode: adaptive`, the same candidates measured by the run itself;
+- adaptive-groups: the same with `schedule.adaptive_metric: groups`.
 Every run is scored by kNN top-1 and a linear probe; the table gives training minutes, steps and what
 the estimator cost (plan: the short run and its reports; adaptive: the budget its stages took).
 
@@ -40,7 +41,9 @@ from benchmarks.runs import (  # noqa: E402
 )
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
 
-FAMILIES = ("uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "adaptive")
+FAMILIES = (
+    "uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "adaptive", "adaptive-groups"
+)  # fmt: skip
 STAGES = (0.0, 0.25, 0.5, 0.75)
 
 
@@ -193,10 +196,11 @@ def family_overrides(
         path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed, metric)
         settings = ["schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"]
         return accel, [*budgeted, *settings], {"estimator_minutes": round(minutes, 3), "plan": stages}
-    if family == "adaptive":
-        candidates = _candidates(base)
+    if family in ("adaptive", "adaptive-groups"):
+        metric = "groups" if family == "adaptive-groups" else "model"
         return accel, [*budgeted, "schedule.mode=adaptive", f"schedule.stages={list(STAGES)}",
-                       f"schedule.candidates={candidates}"], {"estimator_minutes": 0.0}  # fmt: skip
+                       f"schedule.candidates={_candidates(base)}", f"schedule.adaptive_metric={metric}"],\
+            {"estimator_minutes": 0.0}  # fmt: skip
     raise ValueError(family)
 
 
