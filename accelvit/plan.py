@@ -145,7 +145,6 @@ def _group_reports(report: dict) -> dict[str, dict]:
     }
 
 
-
 def choose(
     table: dict[Setting, float],
     allowed: Callable[[Setting], bool] = lambda s: True,
