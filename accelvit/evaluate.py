@@ -121,7 +121,9 @@ def linear_probe_top1(
     mean, std = train[0].mean(0), train[0].std(0) + 1e-6
     x_train, x_test = (train[0] - mean) / std, (test[0] - mean) / std
     num_classes = int(max(train[1].max(), test[1].max())) + 1
-    probe = torch.nn.Linear(x_train.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # its initial weights from `seed`, not from the caller's state
+        torch.manual_seed(seed)
+        probe = torch.nn.Linear(x_train.shape[1], num_classes)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(epochs):
         for idx in torch.randperm(len(x_train), generator=generator).split(256):

@@ -97,3 +97,15 @@ def test_eval_takes_eval_keys_from_the_command_line(tmp_path, tiny_recipe, capsy
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--set", "model.depth=3"]) == 2
     assert "--set model.depth: eval takes eval.* keys only" in capsys.readouterr().err
+
+
+def test_linear_probe_does_not_depend_on_the_global_random_state():
+    # scoring the same features twice (a benchmark re-scoring a run in another process) gives one number
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 16, generator=gen)
+    y = (x[:, :3].sum(1) + torch.randn(600, generator=gen) > 0).long()
+    scores = []
+    for state in (0, 12345):
+        torch.manual_seed(state)
+        scores.append(linear_probe_top1((x[:500], y[:500]), (x[500:], y[500:]), epochs=1))
+    assert scores[0] == scores[1]
