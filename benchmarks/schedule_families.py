@@ -13,6 +13,9 @@ For each objective (SimCLR first), at `--fraction` of the baseline recipe's budg
   uncompressed run of a quarter of the budget;
 - plan-groups: the same reports planned with `--metric groups` (each parameter group's CA-MSE in units
   of its own noise, so that the patch embedding's large raw gradients do not decide alone);
+- plan-trained, plan-trained-groups: both metrics from reports (K = 16) along an uncompressed run of
+  the whole budget, so that each stage is chosen on a model trained as far as the planned run will be
+  there (the short run's models are 4x less trained; its plans flipped with the seed);
 - adaptive: `schedule.mode: adaptive`, the same candidates measured by the run itself;
 - adaptive-groups: the same with `schedule.adaptive_metric: groups`.
 Every run is scored by kNN top-1 and a linear probe; the table gives training minutes, steps and what
@@ -42,7 +45,8 @@ from benchmarks.runs import (  # noqa: E402
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
 
 FAMILIES = (
-    "uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "adaptive", "adaptive-groups"
+    "uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "plan-trained",
+    "plan-trained-groups", "adaptive", "adaptive-groups",
 )  # fmt: skip
 STAGES = (0.0, 0.25, 0.5, 0.75)
 
@@ -121,31 +125,31 @@ def plan_schedule(
     name: str,
     seed: int = 0,
     metric: str = "model",
+    trained: bool = False,
 ) -> tuple[Path, float, str]:
-    """Grad-error reports of a short uncompressed run -> `accelvit plan` -> a schedule file; its cost
-    in minutes (the short run's training and its reports) and its stages ("1:8 from 0, 1:4 from 0.75")."""
+    """Grad-error reports of an uncompressed run -> `accelvit plan` -> a schedule file; its cost in
+    minutes (the run's training and its reports) and its stages ("1:8 from 0, 1:4 from 0.75"). The run
+    is a short one of a quarter of the budget, or (`trained`) one of the whole budget with K = 16."""
     from accelvit.checkpoint import GRAD_ERROR
     from accelvit.gradbias import SCHEMA
     from accelvit.plan import plan, schedule_from_plan, write_schedule
     from accelvit.report import load_grad_report
 
-    source = runs / f"{name}-plan-source{_seed_suffix(seed)}"
+    kind = "plan-trained" if trained else "plan"
+    source = runs / f"{name}-{kind}-source{_seed_suffix(seed)}"
     base = _base_patch(recipe, overrides)
     strategies = _candidates(base)
-    train_run(
-        recipe,
-        [
-            *overrides,
-            "train.steps=null",
-            f"train.budget={budget / 4}",
-            f"train.grad_error_at={list(STAGES)}",
-            f"train.grad_error_strategies={strategies}",
-        ],
-        source,
-    )
+    reports_at = [
+        "train.steps=null",
+        f"train.budget={budget if trained else budget / 4}",
+        f"train.grad_error_at={list(STAGES)}",
+        f"train.grad_error_strategies={strategies}",
+        *(["train.grad_error_batches=16", "train.eval_every=null"] if trained else []),
+    ]
+    train_run(recipe, [*overrides, *reports_at], source)
     paths = sorted((source / GRAD_ERROR).glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
     reports = [load_grad_report(p, SCHEMA) for p in paths]
-    out = runs / f"{name}-plan{'' if metric == 'model' else '-' + metric}{_seed_suffix(seed)}.yaml"
+    out = runs / f"{name}-{kind}{'' if metric == 'model' else '-' + metric}{_seed_suffix(seed)}.yaml"
     stages = plan(reports, base, "flops", metric)
     write_schedule(out, schedule_from_plan(stages), [p.name for p in paths])
     minutes = training_minutes(source) + sum(r["wall_s"] for r in reports) / 60
@@ -191,9 +195,10 @@ def family_overrides(
         patch = f"{{shape: random, choices: [{base}, {2 * base}], weights: {weights}}}"
         settings = ["schedule.keep=1.0", f"schedule.patch={patch}", "schedule.merge=0"]
         return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
-    if family in ("plan", "plan-groups"):
-        metric = "groups" if family == "plan-groups" else "model"
-        path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed, metric)
+    if family.startswith("plan"):
+        metric = "groups" if family.endswith("-groups") else "model"
+        trained = family.startswith("plan-trained")
+        path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed, metric, trained)
         settings = ["schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"]
         return accel, [*budgeted, *settings], {"estimator_minutes": round(minutes, 3), "plan": stages}
     if family in ("adaptive", "adaptive-groups"):
@@ -231,15 +236,30 @@ def main(argv: list[str] | None = None) -> dict:
             run_dir = runs / f"{name}-{family}-{args.fraction:g}{_seed_suffix(seed)}"
             fields = {"objective": name, "family": family, "fraction": args.fraction, "seed": seed}
             fields |= {"overrides": overrides, **extra}
-            row = scored_run(recipe, overrides, run_dir, cache, fields)
-            last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-            row["estimator_units"] = last.get("estimator_spent", 0.0)
+            twin = _same_plan(rows, fields)
+            if twin is not None:  # the same schedule at the same budget and seed trains the same run
+                row = {**twin, **fields, "same_run_as": twin["family"]}
+            else:
+                row = scored_run(recipe, overrides, run_dir, cache, fields)
+                last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+                row["estimator_units"] = last.get("estimator_spent", 0.0)
             rows.append(row)
             print(f"{name:>7} {family:>12}: kNN {row['knn_top1']:.4f}, linear {row['linear_top1']:.4f}, "
                   f"{row['step']} steps, {row['minutes']:.1f} min", flush=True)  # fmt: skip
             write_result("schedule_families", {"size": size, "rows": rows}, out)
     print(format_table(rows))
     return write_result("schedule_families", {"size": size, "rows": rows}, out)
+
+
+def _same_plan(rows: list[dict], fields: dict) -> dict | None:
+    """A measured row whose planned schedule, objective, budget and seed are this one's."""
+    if "plan" not in fields:
+        return None
+    keys = ("objective", "fraction", "plan")
+    for r in rows:
+        if all(r.get(k) == fields[k] for k in keys) and r.get("seed", 0) == fields["seed"]:
+            return r
+    return None
 
 
 def format_table(rows: list[dict]) -> str:

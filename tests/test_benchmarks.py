@@ -232,15 +232,21 @@ def test_schedule_families_smoke(tmp_path):
     for family in ("constant", "random"):
         assert abs(rows[family]["step"] - rows["curriculum"]["step"]) <= 0.25 * rows["curriculum"]["step"]
     assert rows["uncompressed"]["step"] < rows["curriculum"]["step"]
+    # plan-trained's reports (K = 16) come from an uncompressed run of the whole budget, not a quarter
+    from accelvit.config import load_config
+
+    runs = tmp_path / "runs" / "smoke"
+    budget = load_config(runs / "simclr-uncompressed-0.5" / "recipe.yaml").train.budget
+    assert load_config(runs / "simclr-plan-source" / "recipe.yaml").train.budget == budget / 4
+    assert load_config(runs / "simclr-plan-trained-source" / "recipe.yaml").train.budget == budget
+    trained = sorted((runs / "simclr-plan-trained-source/grad_error").glob("step_*.json"))
+    assert [json.loads(p.read_text())["batches"] for p in trained] == [16] * len(schedule_families.STAGES)
     # a second seed joins the first's rows in the same JSON, in run directories of its own
     again = written(out, schedule_families.main([*argv, "--seed", "1", "--families", "uncompressed,plan"]))
     assert again["rows"][: len(result["rows"])] == result["rows"]
     seeded = again["rows"][len(result["rows"]) :]
     assert [(r["family"], r["seed"]) for r in seeded] == [("uncompressed", 1), ("plan", 1)]
     assert seeded[0]["run_recipe"] != rows["uncompressed"]["run_recipe"]  # trained, not the seed-0 row
-    from accelvit.config import load_config
-
-    runs = tmp_path / "runs" / "smoke"
     assert load_config(runs / "simclr-uncompressed-0.5-seed1" / "recipe.yaml").train.seed == 1
     assert (runs / "simclr-plan-seed1.yaml").is_file() and (runs / "simclr-plan-source-seed1").is_dir()
     # re-measuring one family (a lane of its own) keeps every other family's rows of that seed
@@ -250,6 +256,17 @@ def test_schedule_families_smoke(tmp_path):
         r for r in again["rows"] if r["family"] != "plan"
     ]
     assert [(r["family"], r["seed"]) for r in replanned["rows"] if r["family"] == "plan"] == [("plan", 1), ("plan", 0)]
+
+
+def test_a_plan_already_trained_is_not_trained_again():
+    from benchmarks.schedule_families import _same_plan
+
+    plan = {"objective": "mocov3", "family": "plan", "fraction": 0.25, "seed": 1, "plan": "1:8 from 0", "step": 9}
+    rows = [{**plan, "seed": 0}, {**plan, "fraction": 0.5}, plan]
+    fields = {"objective": "mocov3", "family": "plan-trained", "fraction": 0.25, "seed": 1, "plan": "1:8 from 0"}
+    assert _same_plan(rows, fields) is plan
+    assert _same_plan(rows, {**fields, "plan": "1:4 from 0"}) is None
+    assert _same_plan(rows, {k: v for k, v in fields.items() if k != "plan"}) is None  # not a plan family
 
 
 def test_constant_and_random_settings_match_a_mean_cost():
