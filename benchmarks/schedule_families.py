@@ -144,6 +144,8 @@ def plan_schedule(
         f"train.budget={budget if trained else budget / 4}",
         f"train.grad_error_at={list(STAGES)}",
         f"train.grad_error_strategies={strategies}",
+        # the whole-budget run skips the recipe's in-loop kNN evaluations (minutes the plan does not
+        # use); the short run keeps the recipe it was measured with, so its finished runs are reused
         *(["train.grad_error_batches=16", "train.eval_every=null"] if trained else []),
     ]
     train_run(recipe, [*overrides, *reports_at], source)
@@ -182,6 +184,7 @@ def family_overrides(
     base = _base_patch(baseline, common)
     mean = curriculum_mean_cost(accel, budgeted)
     cost = step_cost_fn(accel, budgeted)
+    metric = "groups" if family.endswith("-groups") else "model"  # plan's and adaptive's
     if family == "uncompressed":
         return baseline, budgeted, {"estimator_minutes": 0.0}
     if family == "curriculum":
@@ -196,16 +199,18 @@ def family_overrides(
         settings = ["schedule.keep=1.0", f"schedule.patch={patch}", "schedule.merge=0"]
         return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
     if family.startswith("plan"):
-        metric = "groups" if family.endswith("-groups") else "model"
         trained = family.startswith("plan-trained")
         path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed, metric, trained)
         settings = ["schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"]
         return accel, [*budgeted, *settings], {"estimator_minutes": round(minutes, 3), "plan": stages}
     if family in ("adaptive", "adaptive-groups"):
-        metric = "groups" if family == "adaptive-groups" else "model"
-        return accel, [*budgeted, "schedule.mode=adaptive", f"schedule.stages={list(STAGES)}",
-                       f"schedule.candidates={_candidates(base)}", f"schedule.adaptive_metric={metric}"],\
-            {"estimator_minutes": 0.0}  # fmt: skip
+        settings = [
+            "schedule.mode=adaptive",
+            f"schedule.stages={list(STAGES)}",
+            f"schedule.candidates={_candidates(base)}",
+            f"schedule.adaptive_metric={metric}",
+        ]
+        return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
     raise ValueError(family)
 
 
