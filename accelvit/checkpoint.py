@@ -77,25 +77,46 @@ def run_recipe(run_dir: Path, overrides: list[str] = (), check_paths: bool = Tru
     return load_config(run_dir / RECIPE, list(overrides), check_paths=check_paths)
 
 
-def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:
-    """Create RUN_DIR with its resolved recipe; refuse a folder that already holds a run.
-
-    Every process checks, then the main process writes, so all of them fail or none does.
-    """
-    processes = process_state()
+def check_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Refuse, before anything is written, a folder that holds a run (unless `overwrite`) or, with
+    `overwrite`, a folder that is not a run directory."""
     if (run_dir / RECIPE).exists() and not overwrite:
         raise ConfigError(
             f"run directory '{run_dir}' already holds a run: continue it with "
             f"`accelvit resume {run_dir}` (from step 0 if it has no checkpoint yet), or pass --overwrite "
             "to start over"
         )
-    if overwrite and run_dir.exists() and not (run_dir / RECIPE).is_file() and any(run_dir.iterdir()):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"-o {run_dir}: exists and is not a folder")
+    if (
+        overwrite
+        and run_dir.exists()
+        and not (run_dir / RECIPE).is_file()
+        and _holds_more_than_a_lock(run_dir)
+    ):
         # --overwrite replaces a run, never a folder that merely happens to be named
         raise ConfigError(f"--overwrite: '{run_dir}' is not an accelvit run directory (no {RECIPE})")
+
+
+def _holds_more_than_a_lock(run_dir: Path) -> bool:
+    return any(p.name != LOCK for p in run_dir.iterdir())
+
+
+def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool = False) -> None:
+    """Create RUN_DIR with its resolved recipe; refuse a folder that already holds a run.
+
+    With `overwrite` the caller holds the run's lock (`run_lock`), so a run that another process
+    still trains is refused there and never deleted; the old run's files go, the lock stays.
+    Every process checks, then the main process writes, so all of them fail or none does.
+    """
+    processes = process_state()
+    check_run_dir(run_dir, overwrite)
     processes.wait_for_everyone()
     if processes.is_main_process:
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
+        if overwrite and run_dir.is_dir():
+            for path in run_dir.iterdir():
+                if path.name != LOCK:
+                    _remove(path)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / RECIPE, dump_config(cfg))
     processes.wait_for_everyone()
@@ -145,20 +166,31 @@ def discard_unstarted(run_dir: Path, before: set[Path] | None) -> None:
 LOCK = ".lock"
 
 
+class RunInUse(ConfigError):
+    """Another process holds the run's lock."""
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold RUN_DIR's exclusive lock while a command writes into it (the main process takes it for
-    all); a second command on the same run gets one line naming the holder, not interleaved files."""
+    all; the folder is created if need be); a second command on the same run gets one line naming
+    the holder, not interleaved files.
+
+    A POSIX record lock (`lockf`), not `flock`: it belongs to the process, so the loader workers it
+    forks do not inherit it, and a `kill -9` frees the run at once instead of when the last orphaned
+    worker exits.
+    """
     if not process_state().is_main_process:
         yield
         return
+    run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by another process
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise ConfigError(f"'{run_dir}' is in use by {holder}; wait for it or stop it first") from None
+            raise RunInUse(f"'{run_dir}' is in use by {holder}; wait for it or stop it first") from None
         f.seek(0)
         f.truncate()
         f.write(f"accelvit pid {os.getpid()}")
@@ -166,7 +198,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -183,7 +215,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():  # a link is removed, never what it points to
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
@@ -194,6 +226,10 @@ def write_atomic(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint that cannot be used as it is on disk; resuming passes over it to the one before."""
 
 
 def checkpoint_step(path: Path) -> int:
@@ -223,7 +259,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     for path in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(path)
-        except ConfigError as exc:
+        except DamagedCheckpoint as exc:
             warnings.warn(f"{exc}; trying the one before", stacklevel=2)
             continue
         return path
@@ -352,40 +388,87 @@ def _fsync_dir(path: Path) -> None:
 def verify_checkpoint(path: Path) -> None:
     """Check that every file the manifest lists is there with its recorded size and content hash.
 
-    (Manifests written before content hashes list sizes only; those are checked by size.)
+    (Manifests written before content hashes list sizes only; those are checked by size.) The hash
+    catches corruption, not tampering: whoever can write the checkpoint can write its manifest too,
+    which is why nothing in a checkpoint is read in a way that could run code (`safe_load`).
     """
     if not (path / MANIFEST).is_file():
-        raise ConfigError(f"checkpoint '{path}' does not exist or is incomplete (no {MANIFEST})")
+        raise DamagedCheckpoint(f"checkpoint '{path}' does not exist or is incomplete (no {MANIFEST})")
     try:
         listed = json.loads((path / MANIFEST).read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"checkpoint '{path}' is damaged: unreadable {MANIFEST}") from None
-    for name, entry in listed.items():
-        size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
+        entries = {
+            name: (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
+            for name, entry in listed.items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: unreadable {MANIFEST}") from None
+    for name, (size, digest) in entries.items():
         actual = (path / name).stat().st_size if (path / name).is_file() else None
         if actual != size:
-            raise ConfigError(
+            raise DamagedCheckpoint(
                 f"checkpoint '{path}' is damaged: {name} has {actual} bytes, manifest says {size}"
             )
         if digest is not None and file_digest(path / name) != digest:
-            raise ConfigError(f"checkpoint '{path}' is damaged: {name} changed since it was saved")
+            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {name} changed since it was saved")
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, identity: dict | None = None) -> TrainState:
-    """Restore model, optimizer and RNG states from `path`; returns the loop state."""
+def safe_load(path: Path):
+    """`torch.load` that cannot run code: tensors, numbers, containers and the numpy types of RNG
+    states only (accelerate's own loader, which `load_state` uses for every file it reads)."""
+    from accelerate.utils import load
+
+    return load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(
+    accelerator: Accelerator, path: Path, model: torch.nn.Module, identity: dict | None = None
+) -> TrainState:
+    """Restore `model` (prepared), the optimizer and RNG states from `path`; returns the loop state.
+
+    Raises DamagedCheckpoint for anything that makes the checkpoint unusable as it is on disk (a
+    file that does not load, a state of unknown keys, weights that are not finite), ConfigError for
+    a checkpoint that is intact but not this recipe's.
+    """
     verify_checkpoint(path)
     if identity is not None:
         check_identity(path, identity)
-    state = TrainState(**json.loads((path / STATE).read_text()))
+    try:
+        state = TrainState(**json.loads((path / STATE).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: unreadable {STATE} ({exc})") from None
     if state.step != checkpoint_step(path):
-        raise ConfigError(f"checkpoint '{path}' is damaged: its {STATE} says step {state.step}")
-    accelerator.load_state(str(path))
+        raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: its {STATE} says step {state.step}")
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as exc:
+        if _does_not_fit(exc):  # another architecture's weights (a recipe edited, identity.json gone)
+            raise ConfigError(
+                f"resume refused: the weights of checkpoint '{path}' do not fit the recipe's model "
+                f"({_first_line(exc)}); restore the recipe or start a new run"
+            ) from None
+        raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {_first_line(exc)}") from None
+    except Exception as exc:  # pickle's refusals (UnpicklingError), truncated or foreign files
+        raise DamagedCheckpoint(
+            f"checkpoint '{path}' is damaged: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
     check_rng_restored(path, accelerator.process_index)
+    broken = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if any_process(accelerator, broken):  # never resumed, so never named a "last good state" later
+        raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: its weights are not finite")
     return state
 
 
+def _does_not_fit(exc: RuntimeError) -> bool:
+    return any(s in str(exc) for s in ("size mismatch", "Missing key", "Unexpected key"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
 def check_rng_restored(path: Path, process: int) -> None:
-    """Raise ConfigError unless this process's RNG state now equals the one saved in `path`.
+    """Raise DamagedCheckpoint unless this process's RNG state now equals the one saved in `path`.
 
     accelerate's `load_state` only logs a failed RNG load at info level and goes on, and the resume
     is then silently not exact. A state saved by fewer processes than now resume has none for this
@@ -396,12 +479,16 @@ def check_rng_restored(path: Path, process: int) -> None:
         warnings.warn(f"{path} holds no RNG state of process {process}: it starts afresh", stacklevel=2)
         return
     try:
-        saved = torch.load(rng_file, weights_only=False)["torch_manual_seed"]
+        saved = safe_load(rng_file)["torch_manual_seed"]
         restored = torch.equal(saved, torch.get_rng_state())
     except Exception as exc:  # any unpickling or format error: the file is not an RNG state
-        raise ConfigError(f"checkpoint '{path}': {rng_file.name} cannot be loaded ({exc!r:.60})") from None
+        raise DamagedCheckpoint(
+            f"checkpoint '{path}' is damaged: {rng_file.name} cannot be loaded ({exc!r:.60})"
+        ) from None
     if not restored:
-        raise ConfigError(f"checkpoint '{path}': {rng_file.name} was not restored; the resume would differ")
+        raise DamagedCheckpoint(
+            f"checkpoint '{path}' is damaged: {rng_file.name} was not restored; the resume would differ"
+        )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -448,18 +535,29 @@ def save(
         return None
 
 
-def resume_state(accelerator: Accelerator, run_dir: Path, identity: dict) -> TrainState | None:
-    """Model, optimizer and RNG states from the newest checkpoint, the log files cut back to it; None
-    for a run stopped before its first checkpoint (it starts again from step 0, its logs emptied)."""
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None and list_checkpoints(run_dir):
+def resume_state(
+    accelerator: Accelerator, run_dir: Path, model: torch.nn.Module, identity: dict
+) -> TrainState | None:
+    """Model, optimizer and RNG states from the newest checkpoint that loads, the log files cut back
+    to it (a damaged one is passed over with a warning, never deleted); None for a run stopped before
+    its first checkpoint (it starts again from step 0, its logs emptied)."""
+    latest_checkpoint(run_dir)  # removes the leftovers of interrupted saves
+    candidates = list_checkpoints(run_dir)
+    state = None
+    for checkpoint in reversed(candidates):
+        try:
+            state = load_checkpoint(accelerator, checkpoint, model, identity)
+            break
+        except DamagedCheckpoint as exc:
+            if accelerator.is_main_process:
+                warnings.warn(f"{exc}; trying the one before", stacklevel=2)
+    if state is None and candidates:
         raise ConfigError(f"'{run_dir}': every checkpoint is damaged (see the warnings); nothing resumed")
-    if checkpoint is None:
+    if state is None:
         if accelerator.is_main_process:
             truncate_metrics(run_dir, 0)
             print(f"{run_dir} has no checkpoint yet: starting it from step 0", flush=True)
         return None
-    state = load_checkpoint(accelerator, checkpoint, identity)
     if accelerator.is_main_process:
         truncate_metrics(run_dir, state.step)
         write_decisions(run_dir, state.decisions)

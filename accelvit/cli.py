@@ -19,7 +19,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from accelvit.backbone import build_backbone
-    from accelvit.checkpoint import create_run_dir, discard_unstarted, run_lock
+    from accelvit.checkpoint import RunInUse, check_run_dir, create_run_dir, discard_unstarted, run_lock
     from accelvit.distributed import process_state
     from accelvit.train import pretrain
 
@@ -27,16 +27,18 @@ def _pretrain(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # a model timm cannot build fails before the run directory exists
         build_backbone(cfg.model)
     run_dir = Path(args.output) if args.output else _default_run_dir(Path(args.recipe))
+    check_run_dir(run_dir, args.overwrite)  # before anything is written, the lock file included
     processes = process_state(cfg.train.process_timeout)  # the process group, with the recipe's timeout
     before = set(run_dir.iterdir()) if run_dir.is_dir() else None
-    create_run_dir(run_dir, cfg, overwrite=args.overwrite)
-    if processes.is_main_process:
-        print(f"run directory: {run_dir}", flush=True)
     try:
+        # the lock first: --overwrite must never delete a run that another process is training
         with run_lock(run_dir):
+            create_run_dir(run_dir, cfg, overwrite=args.overwrite)
+            if processes.is_main_process:
+                print(f"run directory: {run_dir}", flush=True)
             pretrain(cfg, run_dir)
-    except ConfigError:  # bad input only the run could see (no readable image): leave nothing behind
-        if processes.is_main_process:
+    except ConfigError as exc:  # bad input only the run could see (no readable image): leave nothing behind
+        if processes.is_main_process and not isinstance(exc, RunInUse):
             discard_unstarted(run_dir, None if args.overwrite else before)
         raise
     return 0

@@ -173,7 +173,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
     shape = vit_shape(objective.backbone, cfg.model.image_size)
 
     # Resume: model, optimizer, RNG states and the TrainState come back from the checkpoint.
-    state = resume_state(accelerator, run_dir, identity) if resume else None
+    state = resume_state(accelerator, run_dir, model, identity) if resume else None
     if state is None:
         state = TrainState()
         set_seed(train.seed + accelerator.process_index)  # token dropout differs per process

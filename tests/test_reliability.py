@@ -386,9 +386,10 @@ def test_silent_corruption_is_caught_by_content_hash(tmp_path, tiny_config, dama
     assert (run_dir / "checkpoints/step_6/model.safetensors").read_bytes() == uninterrupted
 
 
-def test_an_intact_rng_state_that_cannot_be_loaded_is_an_error_not_an_info_line(tmp_path, tiny_config):
+def test_an_intact_rng_state_that_cannot_be_loaded_is_passed_over_not_an_info_line(tmp_path, tiny_config):
     # accelerate logs a failed RNG load at info level and goes on: the resume would silently not be
-    # exact. A file that matches its manifest (saved so) but holds no RNG state must stop the resume.
+    # exact. A file that matches its manifest (saved so) but holds no RNG state sends the resume to
+    # the checkpoint before, which then gives the same run bit for bit.
     from accelvit.checkpoint import MANIFEST, file_digest
 
     run_dir = tmp_path / "run"
@@ -401,7 +402,7 @@ def test_an_intact_rng_state_that_cannot_be_loaded_is_an_error_not_an_info_line(
     manifest["files"]["random_states_0.pkl"] = {"size": rng.stat().st_size, "sha256": file_digest(rng)}
     (newest / MANIFEST).write_text(json.dumps(manifest))
     before = (newest / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"step_6': random_states_0.pkl cannot be loaded \(KeyError"):
+    with pytest.warns(UserWarning, match=r"step_6' is damaged: random_states_0.pkl cannot be loaded \(KeyError"):
         pretrain(tiny_config, run_dir, resume=True)
     assert (newest / "model.safetensors").read_bytes() == before
 
@@ -520,3 +521,154 @@ def test_a_closed_stdout_never_costs_the_stop_checkpoint(tmp_path, tiny_recipe):
     assert proc.wait(timeout=120) == 0  # the stop message went nowhere; the run stopped cleanly
     (checkpoint,) = list_checkpoints(run_dir)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints as an attacker would write them: nothing read from a checkpoint may run code, and a
+# file that does not load sends the resume to the checkpoint before, with one warning
+
+
+class _RunsCode:
+    """Unpickled, it would create the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _replace_in_checkpoint(checkpoint: Path, name: str, write) -> None:
+    """Rewrite one file of a checkpoint and its manifest entry, as someone who can write both would."""
+    from accelvit.checkpoint import MANIFEST
+
+    write(checkpoint / name)
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"][name] = {"size": (checkpoint / name).stat().st_size, "sha256": file_digest(checkpoint / name)}
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin"])
+def test_a_checkpoint_file_that_would_run_code_is_never_unpickled(tmp_path, tiny_config, name):
+    import pickle
+
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    uninterrupted = (run_dir / "checkpoints/step_6/model.safetensors").read_bytes()
+    payload = pickle.dumps({"torch_manual_seed": _RunsCode(marker)})
+    _replace_in_checkpoint(run_dir / "checkpoints/step_6", name, lambda p: p.write_bytes(payload))
+    with pytest.warns(UserWarning, match=rf"step_6' is damaged: .*; trying the one before"):
+        pretrain(tiny_config, run_dir, resume=True)  # from step 3, bit for bit
+    assert not marker.exists()
+    assert (run_dir / "checkpoints/step_6/model.safetensors").read_bytes() == uninterrupted
+
+
+@pytest.mark.parametrize("damage", ["nan_weights", "unknown_state_key"])
+def test_a_checkpoint_that_loads_but_is_no_good_state_is_passed_over(tmp_path, tiny_config, damage):
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    uninterrupted = (run_dir / "checkpoints/step_6/model.safetensors").read_bytes()
+    newest = run_dir / "checkpoints/step_6"
+    if damage == "nan_weights":  # the manifest agrees: the weights were NaN when saved
+        weights = load_file(newest / "model.safetensors")
+        weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
+        _replace_in_checkpoint(newest, "model.safetensors", lambda p: save_file(weights, p))
+        why = "its weights are not finite"
+    else:
+        state = json.loads((newest / "trainer_state.json").read_text())
+        state["from_a_newer_accelvit"] = 1
+        _replace_in_checkpoint(newest, "trainer_state.json", lambda p: p.write_text(json.dumps(state)))
+        why = "unreadable trainer_state.json"
+    with pytest.warns(UserWarning, match=rf"step_6' is damaged: {why}.*trying the one before"):
+        pretrain(tiny_config, run_dir, resume=True)
+    assert (run_dir / "checkpoints/step_6/model.safetensors").read_bytes() == uninterrupted
+
+
+def test_weights_of_another_model_without_identity_are_a_clean_refusal(tmp_path, tiny_config, capsys):
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    pretrain(tiny_config, run_dir)
+    for checkpoint in list_checkpoints(run_dir):  # written before identity.json existed
+        (checkpoint / "identity.json").unlink()
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        del manifest["files"]["identity.json"]
+        (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    recipe = run_dir / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("embed_dim: 32", "embed_dim: 48"))
+    capsys.readouterr()
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("accelvit: error: resume refused: the weights of checkpoint") and "\n" not in err
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_3", "step_6"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run lock: --overwrite never deletes a live run; a killed run's orphaned workers do not hold it
+
+
+def _hold_lock(run_dir: Path, ready, release) -> None:
+    from accelvit.checkpoint import run_lock
+
+    with run_lock(run_dir):
+        ready.set()
+        release.wait(60)
+
+
+def test_overwrite_of_a_run_in_use_is_refused_and_deletes_nothing(tmp_path, tiny_recipe, capsys):
+    import multiprocessing
+
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--set", "train.steps=3"]) == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(run_dir, ready, release))  # a run still training
+    holder.start()
+    try:
+        assert ready.wait(60)
+        capsys.readouterr()
+        assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"'{run_dir}' is in use by accelvit pid {holder.pid}" in err
+        after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+        assert after == before
+    finally:
+        release.set()
+        holder.join(60)
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir), "--overwrite"]) == 0
+    assert (run_dir / "checkpoints/step_6").is_dir() and not (run_dir / "checkpoints/step_3/x").exists()
+
+
+def _lock_then_die_leaving_a_child(run_dir: Path, child_pid) -> None:
+    import multiprocessing
+
+    from accelvit.checkpoint import run_lock
+
+    with run_lock(run_dir):
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        worker.start()  # a loader worker, forked while the lock is held
+        child_pid.value = worker.pid
+        os._exit(9)  # as a kill -9: no cleanup, the worker lives on
+
+
+def test_a_killed_runs_orphaned_workers_do_not_hold_its_lock(tmp_path, tiny_recipe):
+    import multiprocessing
+
+    from accelvit.checkpoint import run_lock
+
+    run_dir = tmp_path / "run"
+    context = multiprocessing.get_context("fork")
+    child_pid = context.Value("i", 0)
+    trainer = context.Process(target=_lock_then_die_leaving_a_child, args=(run_dir, child_pid))
+    trainer.start()
+    trainer.join(60)
+    try:
+        os.kill(child_pid.value, 0)  # the orphaned worker is still alive
+        with run_lock(run_dir):  # and the run is free at once
+            pass
+    finally:
+        os.kill(child_pid.value, signal.SIGKILL)
