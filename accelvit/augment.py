@@ -45,20 +45,29 @@ class ViewSpec:
     solarize: float = 0.0
 
 
-def make_views(images: torch.Tensor, specs: list[ViewSpec], generator: torch.Generator) -> list[torch.Tensor]:
-    """Views of a batch: `images` (B, 3, H, W) uint8 -> one normalised (B, 3, s, s) float per spec."""
+def make_views(
+    images: torch.Tensor, specs: list[ViewSpec], generator: torch.Generator, sizes: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Views of a batch: `images` (B, 3, H, W) uint8 -> one normalised (B, 3, s, s) float per spec.
+
+    `sizes` (B, 2): each image's own height and width where the batch pads images of different
+    sizes (`pad_batch`); crops are then drawn inside each image's extent.
+    """
     x = images.float() / 255
-    return [make_view(x, spec, generator) for spec in specs]
+    return [make_view(x, spec, generator, sizes) for spec in specs]
 
 
-def make_view(x: torch.Tensor, spec: ViewSpec, generator: torch.Generator) -> torch.Tensor:
+def make_view(
+    x: torch.Tensor, spec: ViewSpec, generator: torch.Generator, sizes: torch.Tensor | None = None
+) -> torch.Tensor:
     """One view of every image of `x` (B, 3, H, W) in [0, 1], normalised with ImageNet statistics."""
     n = x.shape[0]
 
     def coin(p: float) -> torch.Tensor:
         return _uniform(n, generator, x.device) < p
 
-    boxes = crop_boxes(n, x.shape[-2], x.shape[-1], spec.scale, spec.ratio, generator, x.device)
+    height, width = (x.shape[-2], x.shape[-1]) if sizes is None else (sizes[:, 0], sizes[:, 1])
+    boxes = crop_boxes(n, height, width, spec.scale, spec.ratio, generator, x.device)
     v = resized_crops(x, boxes, spec.size, flip=coin(spec.hflip))
     v = color_jitter(v, spec, coin(spec.jitter), generator)
     v = torch.where(coin(spec.gray)[:, None, None, None], grayscale(v).expand_as(v), v)
@@ -71,9 +80,12 @@ def make_view(x: torch.Tensor, spec: ViewSpec, generator: torch.Generator) -> to
 
 
 def crop_boxes(n, height, width, scale, ratio, generator, device) -> torch.Tensor:
-    """(n, 4) boxes (x0, y0, x1, y1) in pixels, sampled as torchvision's RandomResizedCrop does."""
+    """(n, 4) boxes (x0, y0, x1, y1) in pixels, sampled as torchvision's RandomResizedCrop does;
+    `height`, `width`: of every image (ints) or of each ((n,) tensors)."""
     tries = 10
-    area = height * width
+    height = torch.as_tensor(height, dtype=torch.float32, device=device).expand(n)
+    width = torch.as_tensor(width, dtype=torch.float32, device=device).expand(n)
+    area = (height * width)[:, None]
     target = area * (scale[0] + (scale[1] - scale[0]) * _uniform((n, tries), generator, device))
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _uniform(
         (n, tries), generator, device
@@ -81,11 +93,11 @@ def crop_boxes(n, height, width, scale, ratio, generator, device) -> torch.Tenso
     aspect = torch.exp(log_ratio)
     w = torch.sqrt(target * aspect).round()
     h = torch.sqrt(target / aspect).round()
-    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    ok = (w > 0) & (h > 0) & (w <= width[:, None]) & (h <= height[:, None])
     first = torch.argmax(ok.int(), dim=1)  # the first valid try, as torchvision takes it
     found = ok.any(dim=1)
-    w = torch.where(found, w.gather(1, first[:, None])[:, 0], torch.full_like(first, width, dtype=w.dtype))
-    h = torch.where(found, h.gather(1, first[:, None])[:, 0], torch.full_like(first, height, dtype=h.dtype))
+    w = torch.where(found, w.gather(1, first[:, None])[:, 0], width)
+    h = torch.where(found, h.gather(1, first[:, None])[:, 0], height)
     x0 = ((width - w + 1) * _uniform(n, generator, device)).floor()
     y0 = ((height - h + 1) * _uniform(n, generator, device)).floor()
     return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
@@ -186,16 +198,49 @@ class BaseImage:
         from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
 
+        if isinstance(image, torch.Tensor):  # JPEG bytes (shards): decoded with the batch, on the device
+            return [image]
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.BILINEAR)
         return [pil_to_tensor(image)]
 
 
+def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes -> (3, H, W) uint8 images on `device`, the whole batch in one call (nvJPEG on a GPU)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type == "cuda":
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB)
+
+
+def pad_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of different sizes -> one (B, 3, Hmax, Wmax) batch and their (B, 2) heights and
+    widths, so that crops are drawn inside each image's own extent. Each image's last row and
+    column fill its padding, so the bilinear resampling at its border reads no foreign pixels (as
+    `grid_sample`'s border padding does for a batch of one size)."""
+    height = max(i.shape[-2] for i in images)
+    width = max(i.shape[-1] for i in images)
+    batch = images[0].new_empty(len(images), 3, height, width)
+    for b, image in enumerate(images):
+        h, w = image.shape[-2:]
+        batch[b, :, :h, :w] = image
+        batch[b, :, :h, w:] = image[:, :, -1:]
+        batch[b, :, h:, :] = batch[b, :, h - 1 : h, :]
+    sizes = torch.tensor([[i.shape[-2], i.shape[-1]] for i in images], device=batch.device)
+    return batch, sizes
+
+
 def batch_views(
-    loaded: list[torch.Tensor], specs: list[ViewSpec] | None, seed: int, step: int, rank: int, device
+    loaded: list, specs: list[ViewSpec] | None, seed: int, step: int, rank: int, device
 ) -> list[torch.Tensor]:
-    """The views of one loaded batch on `device`: as loaded, or drawn from the base images there."""
+    """The views of one loaded batch on `device`: as loaded, or drawn from the base images there
+    (JPEG bytes, a list, are decoded there first, the whole batch at once)."""
+    generator = step_generator(seed, step, rank, device) if specs is not None else None
+    if isinstance(loaded[0], list):
+        images, sizes = pad_batch(decode_batch(loaded[0], device))
+        return make_views(images, specs, generator, sizes)
     loaded = [v.to(device, non_blocking=True) for v in loaded]
     if specs is None:
         return loaded
-    return make_views(loaded[0], specs, step_generator(seed, step, rank, device))
+    return make_views(loaded[0], specs, generator)

@@ -27,7 +27,7 @@ from accelvit.backbone import build_backbone, vit_shape
 from accelvit.budget import CostFn, VitShape, flops_cost_fn, progress_of, relative_cost, table_cost_fn
 from accelvit.checkpoint import STATE
 from accelvit.config import Config, patch_sizes
-from accelvit.data import StepBatchSampler, build_loader, load_dataset
+from accelvit.data import StepBatchSampler, build_loader, encoded_images, load_dataset
 from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import use_cpu
 from accelvit.gradbias import SCHEMA, measure, summarize
@@ -61,6 +61,8 @@ def build_stream(
         len(images), train.batch_size, train.seed, start, train.steps, rank, accelerator.num_processes
     )
     transform, specs = view_pipeline(cfg)  # specs: views drawn on the device (data.augment: device)
+    if specs is not None:
+        images = encoded_images(images)
     loader = build_loader(images, transform, cfg.data.workers, sampler, accelerator.device.type == "cuda")
     for step, (loaded, _, bad) in enumerate(loader, start):
         yield batch_views(loaded, specs, train.seed, step, rank, accelerator.device), bad
@@ -161,7 +163,7 @@ def estimate_at(
     mine = [(k, keys) for k, keys in enumerate(stream) if k % world == rank]
     transform, specs = view_pipeline(cfg)
     loader = build_loader(
-        images,
+        encoded_images(images) if specs is not None else images,
         transform,
         cfg.data.workers,
         [keys for _, keys in mine],

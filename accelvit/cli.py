@@ -82,6 +82,24 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from accelvit.shards import prepare
+
+    folder, out = Path(args.folder), Path(args.output)
+    if not folder.is_dir():
+        raise ConfigError(f"prepare: '{folder}' is not a folder of images")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"-o {out}: exists and is not an empty folder (shards are never written over)")
+    if args.max_side < 8:
+        raise ConfigError(f"--max-side {args.max_side}: at least 8 pixels")
+    if not 1 <= args.quality <= 100:
+        raise ConfigError(f"--quality {args.quality}: from 1 to 100")
+    counts = prepare(folder, out, args.max_side, args.quality)
+    print(", ".join(f"{split}: {n} images" for split, n in counts.items()) + f"; shards in {out}")
+    print(f"train on them with: --set data.dataset=shards --set data.root={out}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from accelvit.export import export_backbone
 
@@ -281,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="also time each setting on this machine")
     overrides(p)
     p.set_defaults(func=_schedule)
+
+    p = sub.add_parser(
+        "prepare", help="decode and resize an image folder once into shards (data.dataset: shards)"
+    )
+    p.add_argument("folder", help="class sub-folders, or train/ and val/ folders of them")
+    p.add_argument("-o", "--output", required=True, help="folder to write the shards to (new or empty)")
+    p.add_argument("--max-side", type=int, default=512, help="longer side of the stored images (default 512)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored images (default 90)")
+    p.set_defaults(func=_prepare)
 
     p = sub.add_parser("export", help="write a run's backbone as timm safetensors")
     p.add_argument("run_dir")

@@ -30,7 +30,7 @@ from accelvit.setting import (
     strategy_rule,
 )
 
-Dataset = Literal["fashion-mnist", "cifar10", "imagefolder", "synthetic"]
+Dataset = Literal["fashion-mnist", "cifar10", "imagefolder", "shards", "synthetic"]
 Shape = Literal["constant", "linear", "cosine", "step", "random"]
 DATASETS, SHAPES = typing.get_args(Dataset), typing.get_args(Shape)
 # accelerate's trackers, each named as the package it needs
@@ -91,7 +91,8 @@ class DataConfig:
     root: str = _doc(
         "/usr/share/datasets/fashion-mnist",
         "dataset folder (fashion-mnist: idx files; cifar10: torchvision root; "
-        "imagefolder: folder of class sub-folders, or one with train/ and val/)",
+        "imagefolder: folder of class sub-folders, or one with train/ and val/; "
+        "shards: the output of `accelvit prepare`)",
     )
     download: bool = _doc(False, "let torchvision download fashion-mnist / cifar10 into root")
     workers: int = _doc(2, "data-loader worker processes (0: load in the training process)")

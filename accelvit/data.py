@@ -24,6 +24,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from accelvit.config import ConfigError, DataConfig
+from accelvit.images import BadImageError, open_rgb
+from accelvit.shards import shard_split
 
 FASHION_MNIST_CLASSES = 10
 
@@ -96,27 +98,6 @@ def image_folder(cfg: DataConfig, train: bool) -> Dataset:
         raise ConfigError(f"data.root = '{folder}': {exc}") from None
 
 
-class BadImageError(ConfigError):
-    """An image file that cannot be decoded; `str()` is 'PATH: reason'.
-
-    Training skips such files (`data.on_bad_file`); evaluation stops with this one-line error.
-    """
-
-
-SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of 16-bit grey images (PNG, TIFF)
-
-
-def open_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            if image.mode in SIXTEEN_BIT:  # PIL's convert clips these to 8 bits; scale them instead
-                values = np.asarray(image, dtype=np.float64) / 257.0
-                return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unreadable or truncated files
-        raise BadImageError(f"{path}: {exc}") from None
-
-
 def synthetic(cfg: DataConfig, train: bool, size: int = 32) -> Dataset:
     """Ten classes of oriented colour stripes with noise; deterministic per index. Tests only."""
     count = cfg.limit or 512
@@ -138,6 +119,7 @@ DATASETS: dict[str, Callable[[DataConfig, bool], Dataset]] = {
     "fashion-mnist": fashion_mnist,
     "cifar10": cifar10,
     "imagefolder": image_folder,
+    "shards": shard_split,
     "synthetic": synthetic,
 }
 
@@ -284,6 +266,25 @@ def _obey_sigterm_from(parent: int) -> None:
             os._exit(0)  # exit 0: torch's SIGCHLD handler in the parent reports other exits as failures
 
 
+def encoded_images(images: Dataset) -> Dataset:
+    """`images` as the loader of device-drawn views reads them: JPEG bytes where the dataset stores
+    them (shards), so that workers only read and the training device decodes; else as they are."""
+    if isinstance(images, Subset):
+        return Subset(encoded_images(images.dataset), images.indices)
+    return images.as_encoded() if hasattr(images, "as_encoded") else images
+
+
+def collate_views(batch: list) -> tuple[list, torch.Tensor, list[str]]:
+    """(views, label, bad) items -> per view a stacked batch, or a list where sizes differ (JPEG
+    bytes of the shards, decoded a whole batch at once on the device)."""
+    views, labels, bad = zip(*batch, strict=True)
+    stacked = []
+    for view in zip(*views, strict=True):
+        same = all(v.shape == view[0].shape for v in view)
+        stacked.append(torch.stack(view) if same else list(view))
+    return stacked, torch.tensor(labels), list(bad)
+
+
 def build_loader(
     images: Dataset,
     transform: Callable,
@@ -297,6 +298,7 @@ def build_loader(
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
+        collate_fn=collate_views,
         worker_init_fn=_leave_stops_to_the_trainer if workers > 0 else None,
         # Its own generator, so creating the iterator does not advance the global torch RNG.
         generator=torch.Generator(),

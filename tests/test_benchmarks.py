@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+import shutil
 
 import pytest
 
@@ -66,7 +68,10 @@ def test_time_to_accuracy_smoke(tmp_path, monkeypatch):
     first = [(r["recipe"], r["fraction"], r["seed"]) for r in rows[:5]]
     assert first == [("baseline", 1.0, 0)] + [("accel", f, 0) for f in (0.125, 0.25, 0.5, 1.0)]
     matched = result["summary"]["simclr"]["matched_fraction"]
-    assert [(r["recipe"], r["fraction"], r["seed"]) for r in rows[5:]] == [("baseline", 1.0, 1), ("accel", matched, 1)]
+    assert [(r["recipe"], r["fraction"], r["seed"]) for r in rows[5:]] == [
+        ("baseline", 1.0, 1),
+        ("accel", matched, 1),
+    ]
     assert all(0 <= r["knn_top1"] <= 1 and 0 <= r["linear_top1"] <= 1 and r["step"] > 0 for r in rows)
     # the accelerated run at B takes more, cheaper steps than the baseline at B
     assert rows[4]["budget"] == pytest.approx(rows[0]["budget"]) and rows[4]["step"] > rows[0]["step"]
@@ -100,7 +105,9 @@ def test_time_to_accuracy_smoke(tmp_path, monkeypatch):
     last = latest_checkpoint(runs / "smoke/simclr-accel-0.5-seed0")
     shutil.rmtree(last)
     partial = written(out, time_to_accuracy.main([*argv, "--no-train"]))
-    assert [r for r in partial["rows"] if r["objective"] == "simclr"] == [r for r in rows if r["fraction"] != 0.5]
+    assert [r for r in partial["rows"] if r["objective"] == "simclr"] == [
+        r for r in rows if r["fraction"] != 0.5
+    ]
     assert partial["summary"]["simclr"]["partial"] is True and not last.exists()
     # a sitting stopped midway keeps the alone timings of the earlier ones (they are not taken again)
     timed = partial["summary"]["simclr"]["baseline_alone_timings"]
@@ -131,15 +138,27 @@ def test_speedup_interpolates_in_log_budget():
         {"recipe": "accel", "seed": 0, "budget": 1, "knn_top1": 0.6, "minutes": 5},
         {"recipe": "accel", "seed": 0, "budget": 2, "knn_top1": 0.66, "minutes": 10},
         {"recipe": "accel", "seed": 0, "budget": 4, "knn_top1": 0.74, "minutes": 20},
-        {"recipe": "accel", "seed": 1, "budget": 4, "knn_top1": 0.9, "minutes": 20},  # other seeds: noise floor only
+        {
+            "recipe": "accel",
+            "seed": 1,
+            "budget": 4,
+            "knn_top1": 0.9,
+            "minutes": 20,
+        },  # other seeds: noise floor only
     ]
     result = time_to_accuracy.speedup(rows, "knn_top1", 40)
     reached = 2 * 2 ** ((0.7 - 0.66) / (0.74 - 0.66))  # halfway from 2 to 4 in log budget
     assert result["budget"] == pytest.approx(reached)
     assert result["speedup_budget"] == pytest.approx(8 / reached)
-    assert result["speedup_wall"] == pytest.approx(40 / 15)  # baseline minutes over minutes interpolated there
+    assert result["speedup_wall"] == pytest.approx(
+        40 / 15
+    )  # baseline minutes over minutes interpolated there
     rows[3]["knn_top1"] = 0.65
-    assert time_to_accuracy.speedup(rows, "knn_top1", 40) == {"target": 0.7, "reached": False, "best_accel": 0.66}
+    assert time_to_accuracy.speedup(rows, "knn_top1", 40) == {
+        "target": 0.7,
+        "reached": False,
+        "best_accel": 0.66,
+    }
 
 
 def test_compression_study_smoke(tmp_path):
@@ -173,7 +192,12 @@ def test_learning_smoke_reuses_finished_runs_and_resumes_unfinished(tmp_path):
     result = written(out, learning.main(argv))
     rows = result["rows"]
     # seed 0 at 1/4, 1/2 and all of the 8 steps; the second seed at the full budget only
-    assert [(r["seed"], r["step"], r["budget"]) for r in rows] == [(0, 2, 0.25), (0, 4, 0.5), (0, 8, 1.0), (1, 8, 1.0)]
+    assert [(r["seed"], r["step"], r["budget"]) for r in rows] == [
+        (0, 2, 0.25),
+        (0, 4, 0.5),
+        (0, 8, 1.0),
+        (1, 8, 1.0),
+    ]
     assert all(0 <= r["knn_top1"] <= 1 and r["encoder"] == "student" for r in rows)
     assert 0 < rows[0]["minutes"] <= rows[1]["minutes"] <= rows[2]["minutes"]
     assert {r["untrained_knn"] for r in rows} == {result["floors"]["mocov3"]["untrained_knn"]}
@@ -216,7 +240,13 @@ def test_schedule_families_smoke(tmp_path):
 
     out = tmp_path / "families.json"
     argv = ["--smoke", "--objectives", "simclr", "--runs", str(tmp_path / "runs"), "-o", str(out)]
-    other = {"objective": "mocov3", "family": "curriculum", "run_recipe": "0" * 16, "step": 3, "knn_top1": 0.5}
+    other = {
+        "objective": "mocov3",
+        "family": "curriculum",
+        "run_recipe": "0" * 16,
+        "step": 3,
+        "knn_top1": 0.5,
+    }
     other |= {"linear_top1": 0.5, "minutes": 1.0, "estimator_minutes": 0.0, "estimator_units": 0.0}
     out.write_text(json.dumps({"rows": [other]}))  # measured in a sitting of its own: kept as it is
     result = written(out, schedule_families.main(argv))
@@ -255,15 +285,31 @@ def test_schedule_families_smoke(tmp_path):
     assert [r for r in replanned["rows"] if r["family"] != "plan"] == [
         r for r in again["rows"] if r["family"] != "plan"
     ]
-    assert [(r["family"], r["seed"]) for r in replanned["rows"] if r["family"] == "plan"] == [("plan", 1), ("plan", 0)]
+    assert [(r["family"], r["seed"]) for r in replanned["rows"] if r["family"] == "plan"] == [
+        ("plan", 1),
+        ("plan", 0),
+    ]
 
 
 def test_a_plan_already_trained_is_not_trained_again():
     from benchmarks.schedule_families import _same_plan
 
-    plan = {"objective": "mocov3", "family": "plan", "fraction": 0.25, "seed": 1, "plan": "1:8 from 0", "step": 9}
+    plan = {
+        "objective": "mocov3",
+        "family": "plan",
+        "fraction": 0.25,
+        "seed": 1,
+        "plan": "1:8 from 0",
+        "step": 9,
+    }
     rows = [{**plan, "seed": 0}, {**plan, "fraction": 0.5}, plan]
-    fields = {"objective": "mocov3", "family": "plan-trained", "fraction": 0.25, "seed": 1, "plan": "1:8 from 0"}
+    fields = {
+        "objective": "mocov3",
+        "family": "plan-trained",
+        "fraction": 0.25,
+        "seed": 1,
+        "plan": "1:8 from 0",
+    }
     assert _same_plan(rows, fields) is plan
     assert _same_plan(rows, {**fields, "plan": "1:4 from 0"}) is None
     assert _same_plan(rows, {k: v for k, v in fields.items() if k != "plan"}) is None  # not a plan family
@@ -308,3 +354,61 @@ def test_estimator_noise_smoke(tmp_path):
     choice = [r for r in result["rows"] if r["strategy"] == "(choice)"]
     assert [r["k"] for r in choice] == [2] and 0.0 <= choice[0]["agree"] <= 1.0
     assert {r["strategy"] for r in result["rows"]} >= {"0.5:4", "1:8", "(choice)"}
+
+
+def test_time_to_accuracy_curves_smoke_scores_both_frontiers_and_reuses_rows(tmp_path):
+    from benchmarks import time_to_accuracy_curves as curves
+
+    out, runs = tmp_path / "curves.json", tmp_path / "runs"
+    argv = ["--smoke", "--objectives", "simclr", "--runs", str(runs), "-o", str(out), "--time"]
+    result = written(out, curves.main(argv))
+    rows = result["rows"]
+    assert sorted((r["kind"], r["fraction"]) for r in rows) == sorted(
+        [("baseline", f) for f in curves.FRACTIONS["baseline"]]
+        + [("accel", f) for f in curves.FRACTIONS["accel"]]
+    )
+    baseline_steps = {r["fraction"]: r["step"] for r in rows if r["kind"] == "baseline"}
+    assert baseline_steps == {0.25: 2, 0.5: 4, 1.0: 8, 2.0: 16}  # each with its own full schedule
+    for r in rows:
+        assert r["knn_se"] == pytest.approx(math.sqrt(r["knn"] * (1 - r["knn"]) / r["test_size"]))
+        assert sum(r["settings"].values()) == r["step"] and r["minutes"] > 0
+    accel = [r for r in rows if r["kind"] == "accel"]
+    assert all("1:8" in r["settings"] for r in accel)  # the curriculum's patch 8 first
+    summary = result["objectives"]["simclr"]
+    assert {"pixels_knn", "pixels_linear", "untrained_knn", "step_seconds"} <= set(summary)
+    assert {t["patch"] for t in summary["step_seconds"]} == {4, 8}
+    assert set(summary["speedup"]) == {"knn", "linear"}
+    # a second call trains nothing: every row is found by its run's recipe, even without its run dir
+    shutil.rmtree(runs)
+    again = curves.main(argv)
+    assert not runs.exists() and [r["run_recipe"] for r in again["rows"]] == [r["run_recipe"] for r in rows]
+
+
+def test_curve_to_curve_crossing_and_bounds():
+    from benchmarks.time_to_accuracy_curves import crossing, speedups
+
+    assert crossing([(1, 0.5), (4, 0.7)], 0.6) == (pytest.approx(2.0), True)  # halfway in log budget
+    assert crossing([(1, 0.5), (4, 0.7)], 0.4) == (1, False)
+    assert crossing([(1, 0.5), (4, 0.7)], 0.8) is None
+    rows = [
+        {"kind": "baseline", "fraction": f, "budget": b, "knn": y}
+        for f, b, y in ((1, 4.0, 0.6), (2, 8.0, 0.7))
+    ] + [
+        {"kind": "accel", "fraction": 1, "budget": 1.0, "knn": 0.65},
+        {"kind": "accel", "fraction": 2, "budget": 2.0, "knn": 0.75},
+    ]
+    points = speedups(rows, "knn", "budget")
+    assert points[0]["ratio"] == pytest.approx(math.sqrt(32) / 1.0) and points[0]["bracketed"]
+    assert points[1] == {"budget": 2.0, "knn": 0.75, "ratio": 4.0, "bracketed": False, "bound": "lower"}
+
+
+def test_data_path_smoke(tmp_path):
+    from benchmarks import data_path
+
+    out = tmp_path / "data_path.json"
+    result = written(out, data_path.main(["--smoke", "-o", str(out)]))
+    assert result["folder_images_per_s"] > 0 and result["shards_images_per_s"] > 0
+    assert result["shards_over_folder"] == pytest.approx(
+        result["shards_images_per_s"] / result["folder_images_per_s"]
+    )
+    assert 0 < result["shard_bytes_per_image"] < 60 * 50 * 3

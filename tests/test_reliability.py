@@ -558,7 +558,7 @@ def test_a_checkpoint_file_that_would_run_code_is_never_unpickled(tmp_path, tiny
     uninterrupted = (run_dir / "checkpoints/step_6/model.safetensors").read_bytes()
     payload = pickle.dumps({"torch_manual_seed": _RunsCode(marker)})
     _replace_in_checkpoint(run_dir / "checkpoints/step_6", name, lambda p: p.write_bytes(payload))
-    with pytest.warns(UserWarning, match=rf"step_6' is damaged: .*; trying the one before"):
+    with pytest.warns(UserWarning, match=r"step_6' is damaged: .*; trying the one before"):
         pretrain(tiny_config, run_dir, resume=True)  # from step 3, bit for bit
     assert not marker.exists()
     assert (run_dir / "checkpoints/step_6/model.safetensors").read_bytes() == uninterrupted
