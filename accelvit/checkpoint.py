@@ -245,17 +245,22 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove, with a warning, the temporary folders of saves that were interrupted."""
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir():
+        for leftover in folder.glob(TMP_PREFIX + "*"):
+            warnings.warn(f"removing incomplete checkpoint {leftover}", stacklevel=3)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint whose files match its manifest.
 
     Leftovers of interrupted saves are removed with a warning; a damaged checkpoint (a file missing
     or of another size than its manifest says) is passed over with a warning and kept for inspection.
     """
-    folder = run_dir / CHECKPOINTS
-    if folder.is_dir():
-        for leftover in folder.glob(TMP_PREFIX + "*"):
-            warnings.warn(f"removing incomplete checkpoint {leftover}", stacklevel=2)
-            shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(run_dir)
     for path in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(path)
@@ -541,8 +546,8 @@ def resume_state(
     """Model, optimizer and RNG states from the newest checkpoint that loads, the log files cut back
     to it (a damaged one is passed over with a warning, never deleted); None for a run stopped before
     its first checkpoint (it starts again from step 0, its logs emptied)."""
-    latest_checkpoint(run_dir)  # removes the leftovers of interrupted saves
-    candidates = list_checkpoints(run_dir)
+    remove_leftovers(run_dir)
+    candidates = list_checkpoints(run_dir)  # each verified once, by load_checkpoint
     state = None
     for checkpoint in reversed(candidates):
         try:

@@ -18,8 +18,10 @@ its own loader, which a user reading the shards elsewhere may want.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +71,6 @@ def prepare(folder: Path, out: Path, max_side: int, quality: int = 90) -> dict[s
     skipped and counted (`{split}_skipped`); classes are the sub-folders in sorted order, numbered
     as torchvision's ImageFolder numbers them.
     """
-    import shutil
-
     streaming = _streaming()
     splits = [s for s in SPLITS if (folder / s).is_dir()] or [""]
     classes = {}
@@ -95,8 +95,9 @@ def prepare(folder: Path, out: Path, max_side: int, quality: int = 90) -> dict[s
     return counts
 
 
-def _write_split(streaming, folder: Path, split: str, classes: list[str], target: Path, max_side: int,
-                 quality: int) -> dict[str, int]:  # fmt: skip
+def _write_split(
+    streaming, folder: Path, split: str, classes: list[str], target: Path, max_side: int, quality: int
+) -> dict[str, int]:
     name, written, skipped = split or "train", 0, 0
     with streaming.MDSWriter(out=str(target), columns=COLUMNS, size_limit="64mb") as writer:
         for label, cls in enumerate(classes):
@@ -140,8 +141,8 @@ class ShardImages(Dataset):
 
     def as_encoded(self) -> ShardImages:
         """The same split with items as JPEG bytes (the loader of device-drawn views)."""
-        twin = object.__new__(ShardImages)
-        twin.__dict__.update(self.__dict__, encoded=True)
+        twin = copy.copy(self)  # shares the open StreamingDataset
+        twin.encoded = True
         return twin
 
 

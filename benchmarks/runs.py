@@ -93,12 +93,19 @@ def alone_minutes(recipe: Path, overrides: list[str], steps: int = 100, warmup: 
     the cores, so their own minutes do not give a wall-clock ratio; this times the uncompressed
     baseline, whose steps all cost the same, on whatever the machine has free now (run it alone).
     The median: the mean of 40 steps moved by 25% between repeats here (31 to 41 minutes)."""
+    cfg = load_config(recipe, overrides)
+    return median_step_seconds(recipe, overrides, steps, warmup) * cfg.train.steps / 60
+
+
+def median_step_seconds(recipe: Path, overrides: list[str], steps: int, warmup: int) -> float:
+    """Median seconds of a step, data included, over `steps` steps of the recipe (with `overrides`)
+    in a throwaway run, the first `warmup` not counted."""
     import statistics
     import tempfile
 
-    cfg = load_config(recipe, overrides)
     timed = [
         f"train.steps={steps}",
+        "train.budget=null",
         "train.log_every=1",
         "train.eval_every=null",
         f"train.checkpoint_every={steps}",
@@ -110,7 +117,7 @@ def alone_minutes(recipe: Path, overrides: list[str], steps: int = 100, warmup: 
         seconds = [
             r["step_s"] + r["data_s"] for r in read_metrics(run_dir) if "step_s" in r and r["step"] > warmup
         ]
-    return statistics.median(seconds) * cfg.train.steps / 60
+    return statistics.median(seconds)
 
 
 def final_step(run_dir: Path) -> int:

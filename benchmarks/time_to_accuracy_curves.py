@@ -38,7 +38,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -46,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `pyt
 from accelvit.backbone import build_backbone  # noqa: E402
 from accelvit.budget import simulate, table_cost_fn  # noqa: E402
 from accelvit.build import flops_cost, recipe_shape  # noqa: E402
-from accelvit.checkpoint import create_run_dir, read_metrics  # noqa: E402
 from accelvit.config import Config, dump_config, load_config  # noqa: E402
 from accelvit.evaluate import (  # noqa: E402  # noqa: E402
     evaluate_backbone,
@@ -57,9 +55,9 @@ from accelvit.evaluate import (  # noqa: E402  # noqa: E402
     linear_probe_top1,
 )
 from accelvit.setting import Setting  # noqa: E402
-from accelvit.train import pretrain  # noqa: E402
-from benchmarks.common import REPO, RESULTS, SMOKE_SCORED, device, write_result  # noqa: E402
-from benchmarks.runs import final_step, train_run  # noqa: E402
+from benchmarks.common import REPO, RESULTS, SMOKE_SCORED, device, write_result
+from benchmarks.runs import final_step, median_step_seconds, train_run  # noqa: E402
+from benchmarks.time_to_accuracy import crossing, full_step_units  # noqa: E402
 
 FRACTIONS = {"baseline": (0.25, 0.5, 1.0, 2.0), "accel": (0.125, 0.25, 0.5, 1.0)}
 FULL_SPLITS = ["eval.train_limit=null", "eval.test_limit=null"]
@@ -93,11 +91,6 @@ def base_steps(name: str, common: list[str]) -> int:
     return SMOKE_STEPS if SMOKE[0] in common else load_config(recipe_of(name, "baseline"), common).train.steps
 
 
-def full_step_units(cfg: Config) -> float:
-    """Budget units of one uncompressed step of the recipe (per image x batch), analytic FLOPs."""
-    return flops_cost(cfg)(Setting(1.0, cfg.model.patch_size)) * cfg.train.batch_size
-
-
 def run_overrides(name: str, kind: str, fraction: float, seed: int, common: list[str]) -> list[str]:
     """A frontier point: the baseline with its own schedule over `fraction` of its steps, or the
     accelerated recipe given `fraction` of the baseline's budget."""
@@ -105,8 +98,8 @@ def run_overrides(name: str, kind: str, fraction: float, seed: int, common: list
     overrides = [*common, *TRAINING, f"train.seed={seed}"]
     if kind == "baseline":
         return [*overrides, f"train.steps={max(1, round(fraction * steps))}"]
-    base = load_config(recipe_of(name, "baseline"), [*common, f"train.steps={steps}"], check_paths=False)
-    return [*overrides, "train.steps=null", f"train.budget={fraction * steps * full_step_units(base)}"]
+    units = full_step_units(recipe_of(name, "baseline"), common)
+    return [*overrides, "train.steps=null", f"train.budget={fraction * steps * units}"]
 
 
 def recipe_key(cfg: Config) -> str:
@@ -142,12 +135,12 @@ def setting_of_label(label: str) -> Setting:
     return Setting(float(keep), int(patch), float(merge[0]) if merge else 0.0)
 
 
-def score(run_dir: Path, fields: dict, cfg: Config) -> dict:
-    """kNN and linear top-1 of a finished run on the full splits, with standard errors."""
-    result = evaluate_run(run_dir, linear=True, overrides=FULL_SPLITS if fields["size"] != "smoke" else [])
+def score(run_dir: Path, fields: dict, cfg: Config, splits: list[str]) -> dict:
+    """kNN and linear top-1 of a finished run on the splits `splits` selects, with standard errors."""
+    result = evaluate_run(run_dir, linear=True, overrides=splits)
     n = result["test_size"]
     return {
-        **{k: v for k, v in fields.items() if k != "size"},
+        **fields,
         "step": final_step(run_dir),
         "knn": result["knn_top1"],
         "linear": result["linear_top1"],
@@ -164,11 +157,11 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n)
 
 
-def references(name: str, common: list[str], size: str) -> dict:
+def references(name: str, common: list[str], splits: list[str]) -> dict:
     """Raw pixels and the untrained backbone (the baseline recipe's seed), scored as the runs are."""
     from accelerate.utils import set_seed
 
-    cfg = load_config(recipe_of(name, "baseline"), [*common, *(FULL_SPLITS if size != "smoke" else [])])
+    cfg = load_config(recipe_of(name, "baseline"), [*common, *splits])
     cfg.eval.linear = True
     set_seed(cfg.train.seed)
     untrained = evaluate_backbone(build_backbone(cfg.model), cfg.model, cfg.data, cfg.eval, device())
@@ -184,48 +177,28 @@ def references(name: str, common: list[str], size: str) -> dict:
     }
 
 
-def step_seconds(name: str, kind: str, setting: Setting, common: list[str]) -> float:
-    """Median seconds of a step (data included) at one setting, in a throwaway run of the recipe on
-    this machine: every cost of a step, whatever the cost model counts. Run it alone."""
+def step_seconds(name: str, setting: Setting, common: list[str]) -> float:
+    """Median seconds of a step (data included) of the baseline recipe held at one setting, in a
+    throwaway run on this machine: every cost of a step, whatever the cost model counts. Run it alone."""
     fixed = [
         f"schedule.keep={setting.keep}",
         f"schedule.patch={setting.patch}",
         f"schedule.merge={setting.merge}",
         "schedule.mode=fixed",
-        f"train.steps={TIMED_STEPS}",
-        "train.budget=null",
-        "train.log_every=1",
-        "train.eval_every=null",
-        f"train.checkpoint_every={TIMED_STEPS}",
     ]
-    cfg = load_config(recipe_of(name, kind), [*common, *fixed])
-    with tempfile.TemporaryDirectory() as tmp:
-        create_run_dir(Path(tmp) / "run", cfg)
-        pretrain(cfg, Path(tmp) / "run")
-        seconds = [
-            r["step_s"] + r["data_s"]
-            for r in read_metrics(Path(tmp) / "run")
-            if "step_s" in r and r["step"] > min(TIMED_WARMUP, TIMED_STEPS // 2)
-        ]
-    return statistics.median(seconds)
+    return median_step_seconds(recipe_of(name, "baseline"), [*common, *fixed], TIMED_STEPS, TIMED_WARMUP)
 
 
 # ---- curve to curve ----
 
 
-def crossing(points: list[tuple[float, float]], target: float) -> tuple[float, bool] | None:
-    """The smallest budget at which the frontier `points` (budget ascending) reaches `target`,
-    interpolated in log budget between the two points around it; (budget, bracketed). Below the
-    first point the first point's budget, unbracketed (an upper bound on the budget needed); None when
-    the whole frontier stays below (the caller reports a lower bound)."""
-    for i, (x, y) in enumerate(points):
-        if y >= target:
-            if i == 0:
-                return x, False
-            x0, y0 = points[i - 1]
-            t = (target - y0) / (y - y0)
-            return math.exp(math.log(x0) + t * (math.log(x) - math.log(x0))), True
-    return None
+def bracketing(points: list[tuple[float, float]], target: float) -> tuple[float, bool] | None:
+    """`crossing` (the smallest budget at which the frontier reaches `target`, interpolated in log
+    budget) and whether two frontier points bracket it: at or below the first point it is that
+    point's budget, an upper bound on the budget needed. None when the whole frontier stays below
+    (the caller reports a lower bound)."""
+    reached = crossing(points, target)
+    return None if reached is None else (reached, reached > points[0][0])
 
 
 def frontier(rows: list[dict], kind: str, metric: str, x: str) -> list[tuple[float, float]]:
@@ -245,7 +218,7 @@ def speedups(rows: list[dict], metric: str, x: str) -> list[dict]:
     base = frontier(rows, "baseline", metric, x)
     out = []
     for budget, accuracy in frontier(rows, "accel", metric, x):
-        found = crossing(base, accuracy)
+        found = bracketing(base, accuracy)
         if found is None:  # above the whole frontier: at least the longest baseline's budget
             out.append({"budget": budget, metric: accuracy, "ratio": base[-1][0] / budget, "bracketed": False,
                         "bound": "lower"})  # fmt: skip
@@ -345,6 +318,11 @@ def locked_result(out: Path):
 REFERENCES = ("pixels_knn", "pixels_linear", "untrained_knn", "untrained_linear")
 
 
+def scoring_splits(args) -> list[str]:
+    """The full splits, except for the smoke size (its synthetic splits are the eval limits')."""
+    return [] if args.smoke else FULL_SPLITS
+
+
 def measure_point(name: str, kind: str, fraction: float, seed: int, args, done: set[str], out: Path) -> None:
     """Train one frontier point to its end (or reuse it) and merge its scored row into the JSON."""
     common = SMOKE if args.smoke else []
@@ -356,18 +334,9 @@ def measure_point(name: str, kind: str, fraction: float, seed: int, args, done: 
     if not train_run(recipe_of(name, kind), overrides, run_dir, train=not args.no_train):
         print(f"{run_dir}: not finished; not scored", flush=True)
         return
-    base = load_config(recipe_of(name, "baseline"), common, check_paths=False)
-    budget = fraction * base_steps(name, common) * full_step_units(base)
-    size = "smoke" if args.smoke else device().type
-    fields = {
-        "objective": name,
-        "kind": kind,
-        "fraction": fraction,
-        "seed": seed,
-        "size": size,
-        "budget": budget,
-    }
-    row = score(run_dir, fields, cfg)
+    budget = fraction * base_steps(name, common) * full_step_units(recipe_of(name, "baseline"), common)
+    fields = {"objective": name, "kind": kind, "fraction": fraction, "seed": seed, "budget": budget}
+    row = score(run_dir, fields, cfg, scoring_splits(args))
     print(
         f"{name:>7} {kind:>8} {fraction:5.3f} B seed {seed} ({row['step']} steps): kNN {row['knn']:.4f} "
         f"± {row['knn_se']:.4f}, linear {row['linear']:.4f} ± {row['linear_se']:.4f}",
@@ -382,19 +351,20 @@ def measure_point(name: str, kind: str, fraction: float, seed: int, args, done: 
 def objective_summary(name: str, rows: list[dict], earlier: dict, args) -> dict:
     """References (computed once), alone timings (`--time`: the settings not timed yet) and speedups."""
     common = SMOKE if args.smoke else []
-    size = "smoke" if args.smoke else device().type
     base = load_config(recipe_of(name, "baseline"), common, check_paths=False)
     full = Setting(1.0, base.model.patch_size)
-    refs = {k: earlier[k] for k in REFERENCES if k in earlier} or references(name, common, size)
+    refs = {k: earlier[k] for k in REFERENCES if k in earlier} or references(
+        name, common, scoring_splits(args)
+    )
     timings = list(earlier.get("step_seconds", []))
     if args.time:
         timed = {(t["keep"], t["patch"], t["merge"]) for t in timings}
         mine = [r for r in rows if r["objective"] == name]
         for s in timed_grid({label for r in mine for label in r["settings"]} | {full.label}):
             if (s.keep, s.patch, s.merge) not in timed:
-                seconds = step_seconds(name, "baseline", s, common)
+                seconds = step_seconds(name, s, common)
                 timings.append({"keep": s.keep, "patch": s.patch, "merge": s.merge, "units": seconds})
-    return summarize(name, rows, refs, timings, full_step_units(base), full)
+    return summarize(name, rows, refs, timings, full_step_units(recipe_of(name, "baseline"), common), full)
 
 
 def main(argv: list[str] | None = None) -> dict:

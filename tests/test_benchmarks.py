@@ -385,11 +385,11 @@ def test_time_to_accuracy_curves_smoke_scores_both_frontiers_and_reuses_rows(tmp
 
 
 def test_curve_to_curve_crossing_and_bounds():
-    from benchmarks.time_to_accuracy_curves import crossing, speedups
+    from benchmarks.time_to_accuracy_curves import bracketing, speedups
 
-    assert crossing([(1, 0.5), (4, 0.7)], 0.6) == (pytest.approx(2.0), True)  # halfway in log budget
-    assert crossing([(1, 0.5), (4, 0.7)], 0.4) == (1, False)
-    assert crossing([(1, 0.5), (4, 0.7)], 0.8) is None
+    assert bracketing([(1, 0.5), (4, 0.7)], 0.6) == (pytest.approx(2.0), True)  # halfway in log budget
+    assert bracketing([(1, 0.5), (4, 0.7)], 0.4) == (1, False)
+    assert bracketing([(1, 0.5), (4, 0.7)], 0.8) is None
     rows = [
         {"kind": "baseline", "fraction": f, "budget": b, "knn": y}
         for f, b, y in ((1, 4.0, 0.6), (2, 8.0, 0.7))
