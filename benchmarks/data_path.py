@@ -18,6 +18,7 @@ threads: images per second per core on a CPU.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224, help="side of the views")
     p.add_argument("--max-side", type=int, default=320, help="accelvit prepare --max-side")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=8, help="batches timed per path")
+    p.add_argument("--batches", type=int, default=8, help="batches timed per path and repeat")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timings of each path, alternated; the median counts"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0, help="loader workers (0: per-core figures)")
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             8,
             2,
         )
+        args.repeats = 1
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -123,10 +128,13 @@ def measure(args: argparse.Namespace) -> dict:
         common = (args.batch, args.workers)
         folder_cfg = recipe(args.image_size, folder, "imagefolder", "cpu", *common)
         shards_cfg = recipe(args.image_size, Path(tmp) / "shards", "shards", "device", *common)
-        folder_rate = images_per_s(
-            load_dataset(folder_cfg.data), folder_cfg, args.batches, torch.device("cpu")
-        )
-        shards_rate = images_per_s(load_dataset(shards_cfg.data), shards_cfg, args.batches, device)
+        folder_rates, shards_rates = [], []
+        for _ in range(args.repeats):  # alternated, so a slow spell of the machine hits both paths
+            folder_rates.append(
+                images_per_s(load_dataset(folder_cfg.data), folder_cfg, args.batches, torch.device("cpu"))
+            )
+            shards_rates.append(images_per_s(load_dataset(shards_cfg.data), shards_cfg, args.batches, device))
+        folder_rate, shards_rate = statistics.median(folder_rates), statistics.median(shards_rates)
     per = "core" if device.type == "cpu" and args.workers == 0 else "process"
     result = {
         "images": args.count,
@@ -140,12 +148,15 @@ def measure(args: argparse.Namespace) -> dict:
         "per": per,
         "prepare_images_per_s": args.count / prepare_s,
         "shard_bytes_per_image": jpeg_bytes,
+        "repeats": args.repeats,
         "folder_images_per_s": folder_rate,
         "shards_images_per_s": shards_rate,
+        "folder_images_per_s_each": folder_rates,
+        "shards_images_per_s_each": shards_rates,
         "shards_over_folder": shards_rate / folder_rate,
     }
     print(
-        f"folder, per-image transforms: {folder_rate:.0f} images/s; shards, batched views on {device.type}: "
+        f"medians of {args.repeats}: folder, per-image transforms: {folder_rate:.0f} images/s; shards, batched views on {device.type}: "
         f"{shards_rate:.0f} images/s ({shards_rate / folder_rate:.2f}x), {jpeg_bytes / 1024:.1f} kB an image"
     )
     name = "data_path" + ("-smoke" if args.smoke else "")

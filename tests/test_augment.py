@@ -10,11 +10,15 @@ import torch
 from accelvit.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LUMA,
+    ViewDraw,
     ViewSpec,
     crop_boxes,
     gaussian_blur,
+    hue_matrix,
     make_views,
-    rotate_hue,
+    render,
+    saturation_matrix,
     step_generator,
 )
 from accelvit.checkpoint import create_run_dir
@@ -45,7 +49,7 @@ def test_whole_image_crop_without_colour_is_the_normalised_image():
 
 
 def test_crop_boxes_lie_inside_and_cover_the_asked_area():
-    boxes = crop_boxes(2000, 32, 24, (0.2, 0.6), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), "cpu")
+    boxes = crop_boxes(2000, 32, 24, (0.2, 0.6), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
     x0, y0, x1, y1 = boxes.T
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 24).all() and (y1 <= 32).all()
     area = (x1 - x0) * (y1 - y0) / (32 * 24)
@@ -57,9 +61,9 @@ def test_views_are_a_function_of_the_generator_seed_and_differ_per_image():
     x = images().expand(8, -1, -1, -1).clone()
     x[:] = x[0]  # eight copies of one image
     spec = ViewSpec(size=12, solarize=0.5)
-    a = make_views(x, [spec, spec], step_generator(0, 5, 0, torch.device("cpu")))
-    b = make_views(x, [spec, spec], step_generator(0, 5, 0, torch.device("cpu")))
-    c = make_views(x, [spec, spec], step_generator(0, 6, 0, torch.device("cpu")))
+    a = make_views(x, [spec, spec], step_generator(0, 5, 0))
+    b = make_views(x, [spec, spec], step_generator(0, 5, 0))
+    c = make_views(x, [spec, spec], step_generator(0, 6, 0))
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     assert a[0].shape == (8, 3, 12, 12)
@@ -77,10 +81,55 @@ def test_grayscale_blur_and_hue_behave():
     noise = x.float() / 255
     assert gaussian_blur(noise, torch.full((8,), 1.5)).std() < 0.5 * noise.std()
     # a hue rotation by 2 pi is the identity; by any angle it keeps luma
-    torch.testing.assert_close(rotate_hue(noise, torch.full((8,), 2 * math.pi)), noise, atol=1e-5, rtol=0)
-    turned = rotate_hue(noise, torch.full((8,), 1.0))
-    luma = torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]
-    torch.testing.assert_close((turned * luma).sum(1), (noise * luma).sum(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        hue_matrix(torch.full((8,), 2 * math.pi)), torch.eye(3).expand(8, 3, 3), atol=1e-5, rtol=0
+    )
+    turned = hue_matrix(torch.full((8,), 1.0))
+    torch.testing.assert_close(LUMA @ turned, LUMA.expand(8, 3), atol=1e-5, rtol=0)
+    assert not torch.allclose(turned, torch.eye(3))
+
+
+def test_each_image_of_a_batch_gets_torchvision_s_colour_gray_and_blur_with_its_own_parameters():
+    """The batched view against torchvision's per-image functional transforms, image by image, with
+    the factors drawn: brightness, contrast, saturation (clamped after each), grayscale, blur."""
+    from torchvision.transforms.v2 import functional as TF
+
+    n, size, radius = 6, 16, 3
+    x = images(n, size).float()
+    b, c, s = (
+        torch.tensor([0.5, 1.6, 1.0, 1.2, 0.9, 1.0]),
+        torch.tensor([1.4, 0.3, 1.0, 0.8, 1.1, 1.0]),
+        torch.tensor([0.2, 1.7, 1.0, 0.0, 1.3, 1.0]),
+    )
+    gray, blur = torch.tensor([0, 1, 0, 0, 1, 0]).bool(), torch.tensor([1, 0, 0, 1, 1, 0]).bool()
+    sigma = torch.tensor([0.5, 1.0, 1.5, 0.8, 0.9, 1.0])
+    whole = torch.tensor([[0, 0, size, size]] * n).float()
+    draw = ViewDraw(
+        torch.tensor([[size, size]] * n),
+        whole,
+        torch.zeros(n).bool(),
+        b,
+        c,
+        saturation_matrix(s),
+        torch.eye(3).expand(n, 3, 3),
+        gray,
+        sigma,
+        blur,
+        torch.zeros(n).bool(),
+    )
+    ours = render(x, draw, size, radius)
+    for i in range(n):
+        ref = x[i] / 255
+        ref = TF.adjust_saturation(
+            TF.adjust_contrast(TF.adjust_brightness(ref, float(b[i])), float(c[i])), float(s[i])
+        )
+        if gray[i]:
+            ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
+        if blur[i]:
+            ref = TF.gaussian_blur(ref, [2 * radius + 1] * 2, [float(sigma[i])] * 2)
+        ref = TF.normalize(ref, list(IMAGENET_MEAN), list(IMAGENET_STD))
+        # torchvision's luma weighs red 0.2989 where PIL (and accelvit) weigh 0.299
+        torch.testing.assert_close(ours[i], ref, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["simclr", "mocov3", "dino"])
@@ -126,3 +175,24 @@ def test_device_augmented_run_resumes_bit_exactly(tmp_path, tiny_recipe):
     assert [
         json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
     ] == losses
+
+
+def test_crops_equal_grid_sample_on_an_affine_grid():
+    """The two 1-D passes compute what `grid_sample` does on the box's affine grid (border padding)."""
+    import torch.nn.functional as F
+
+    from accelvit.augment import resized_crops
+
+    g = torch.Generator().manual_seed(3)
+    for height, width, size in ((30, 22, 16), (12, 14, 40)):  # shrinking and enlarging
+        x = torch.rand(64, 3, height, width, generator=g)
+        boxes = crop_boxes(64, height, width, (0.08, 1.0), (3 / 4, 4 / 3), g)
+        flip = torch.rand(64, generator=g) < 0.5
+        theta = torch.zeros(64, 2, 3)
+        theta[:, 0, 0] = torch.where(flip, -1, 1) * (boxes[:, 2] - boxes[:, 0]) / width
+        theta[:, 0, 2] = (boxes[:, 0] + boxes[:, 2]) / width - 1
+        theta[:, 1, 1] = (boxes[:, 3] - boxes[:, 1]) / height
+        theta[:, 1, 2] = (boxes[:, 1] + boxes[:, 3]) / height - 1
+        grid = F.affine_grid(theta, [64, 3, size, size], align_corners=False)
+        expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        torch.testing.assert_close(resized_crops(x, boxes, size, flip), expected, atol=1e-5, rtol=0)
