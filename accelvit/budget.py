@@ -45,6 +45,16 @@ def tokens_per_view(shape: VitShape, setting: Setting) -> int:
     return shape.prefix_tokens + kept_patches(num_patches(shape.image_size, setting.patch), setting.keep)
 
 
+def activation_bytes(shape: VitShape, patch: int, images: int, element_bytes: int = 4) -> float:
+    """A lower bound on the activations a training step keeps for its backward pass: `images`
+    views at full input, `element_bytes` a number, per block and token the normed inputs, q, k,
+    v, the attention output and its projection, the MLP's hidden layer before and after its
+    activation, and the two residual sums ((9 + 2 mlp_ratio) x width); no attention matrix (fused
+    attention keeps none)."""
+    per_token = (9 + 2 * shape.mlp_ratio) * shape.embed_dim * element_bytes
+    return images * tokens_per_view(shape, Setting(1.0, patch)) * shape.depth * per_token
+
+
 def forward_flops(shape: VitShape, setting: Setting) -> float:
     """Multiply-add FLOPs (x2) of one image's forward pass through the backbone.
 

@@ -23,8 +23,10 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,6 +69,9 @@ class TrainState:
     # the loss summed since the last log line (mean over processes), so that a resumed run logs the
     # values an uninterrupted one does when log_every does not divide the checkpoint's step
     partial_log: dict = field(default_factory=dict)
+    # the newest line of metrics.jsonl, written again on resume if a crash tore it after the
+    # checkpoint (which is fsynced) had already been saved
+    last_log: dict | None = None
 
 
 def run_recipe(run_dir: Path, overrides: list[str] = (), check_paths: bool = True) -> Config:
@@ -88,6 +93,11 @@ def check_run_dir(run_dir: Path, overwrite: bool = False) -> None:
         )
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"-o {run_dir}: exists and is not a folder")
+    parent = next((p for p in run_dir.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"-o {run_dir}: {parent} is not a folder")
+    if not _writable(run_dir if run_dir.is_dir() else parent):
+        raise ConfigError(f"-o {run_dir}: not writable")
     if (
         overwrite
         and run_dir.exists()
@@ -236,22 +246,65 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def _checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The run's own step_N folders, oldest first: a link (to anywhere) or any other name is not
+    one of them, so it is neither resumed from, written through, nor pruned."""
     folder = run_dir / CHECKPOINTS
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith("step_") and (p / MANIFEST).is_file()]
+    found = [
+        p for p in folder.iterdir() if re.fullmatch(r"step_\d+", p.name) and p.is_dir() and not p.is_symlink()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
-def remove_leftovers(run_dir: Path) -> None:
-    """Remove, with a warning, the temporary folders of saves that were interrupted."""
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run (step_N folders with a manifest), oldest first."""
+    return [p for p in _checkpoint_folders(run_dir) if (p / MANIFEST).is_file()]
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Refuse, before any work, a run that could not save: a run directory that refuses writes, or
+    a checkpoints/ that is not a folder (it would train, then fail at the first save)."""
+    if not _writable(run_dir):
+        raise ConfigError(f"'{run_dir}': not writable")
     folder = run_dir / CHECKPOINTS
-    if folder.is_dir():
-        for leftover in folder.glob(TMP_PREFIX + "*"):
-            warnings.warn(f"removing incomplete checkpoint {leftover}", stacklevel=3)
-            shutil.rmtree(leftover, ignore_errors=True)
+    if folder.exists() and not folder.is_dir() or folder.is_symlink():
+        raise ConfigError(f"'{folder}' is not a folder of the run: move it away to resume the run")
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove, with a warning, what interrupted saves and prunes left: temporary folders, and
+    step_N folders without a manifest older than the newest complete checkpoint (a prune removes
+    the manifest first). One without a manifest that is newer is warned about and kept: its
+    manifest was lost, and its files are for the user to inspect."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return
+    for leftover in folder.glob(TMP_PREFIX + "*"):
+        warnings.warn(f"removing incomplete checkpoint {leftover}", stacklevel=3)
+        _remove(leftover)
+    for link in (p for p in folder.iterdir() if p.is_symlink()):
+        warnings.warn(f"{link} is a link, not a checkpoint of this run: ignored", stacklevel=3)
+    complete = list_checkpoints(run_dir)
+    newest = checkpoint_step(complete[-1]) if complete else -1
+    for path in _checkpoint_folders(run_dir):
+        if (path / MANIFEST).is_file():
+            continue
+        if checkpoint_step(path) < newest:
+            warnings.warn(f"removing {path}, left without its manifest by an interrupted prune", stacklevel=3)
+            _remove(path)
+        else:
+            warnings.warn(
+                f"checkpoint {path} has no {MANIFEST}: not resumed from, kept for inspection", stacklevel=3
+            )
+
+
+def prune(path: Path) -> None:
+    """Remove an old checkpoint, its manifest first: a prune cut short leaves a folder that is
+    recognisably incomplete (`remove_leftovers`), never one that looks damaged."""
+    (path / MANIFEST).unlink(missing_ok=True)
+    _remove(path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -333,9 +386,8 @@ def save_checkpoint(
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = list_checkpoints(run_dir) if main else []
             kept = f"newest intact checkpoint: {previous[-1]}" if previous else "no earlier checkpoint"
-            raise SaveError(
-                f"could not write checkpoint {final}: {error or 'failed on another process'}; {kept}"
-            )
+            why = _write_failure(error, final.parent) if error else "failed on another process"
+            raise SaveError(f"could not write checkpoint {final}: {why}; {kept}")
         accelerator.wait_for_everyone()
 
     def start() -> None:
@@ -353,8 +405,7 @@ def save_checkpoint(
                 files[p.name] = {"size": p.stat().st_size, "sha256": file_digest(p)}
         write_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=1))
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. a stop right after a checkpoint)
-            shutil.rmtree(final)
+        _clear_the_way(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
 
@@ -363,9 +414,35 @@ def save_checkpoint(
     phase(finish)
     if main:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            prune(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _clear_the_way(final: Path) -> None:
+    """Make room for a checkpoint at `final`: a link there goes (never what it points to); a
+    complete, intact checkpoint of the same step is replaced (a stop right after a checkpoint);
+    anything else there (a damaged checkpoint, one whose manifest was lost) is moved aside, never
+    deleted."""
+    if final.is_symlink() or final.is_file():
+        final.unlink()
+    elif final.is_dir():
+        try:
+            verify_checkpoint(final)
+            shutil.rmtree(final)
+        except DamagedCheckpoint:
+            aside = final.with_name(f"damaged-{final.name}-{int(time.time())}")
+            warnings.warn(f"moving {final} aside to {aside}: it was not a complete checkpoint", stacklevel=4)
+            os.replace(final, aside)
+
+
+def _write_failure(error: Exception, folder: Path) -> str:
+    """What went wrong in a save, in words: torch's writer reports a full disk as an assertion
+    ("enforce fail ... unexpected pos"), so a folder with no room left is named as such."""
+    text = _first_line(error)
+    if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 1 << 20:
+        return f"No space left on device ({text[:80]})"
+    return text
 
 
 def file_digest(path: Path) -> str:
@@ -498,10 +575,18 @@ def check_rng_restored(path: Path, process: int) -> None:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl; a line still being written (a running run) is left out."""
+    return read_records(run_dir / METRICS)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON objects of a log file, one a line; a line still being written by a running run, or
+    torn by a crash, is left out."""
     records = []
-    for line in (run_dir / METRICS).read_text().splitlines():
+    for line in path.read_text().splitlines():
         with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 
@@ -546,6 +631,7 @@ def resume_state(
     """Model, optimizer and RNG states from the newest checkpoint that loads, the log files cut back
     to it (a damaged one is passed over with a warning, never deleted); None for a run stopped before
     its first checkpoint (it starts again from step 0, its logs emptied)."""
+    check_resumable(run_dir)
     remove_leftovers(run_dir)
     candidates = list_checkpoints(run_dir)  # each verified once, by load_checkpoint
     state = None
@@ -565,9 +651,22 @@ def resume_state(
         return None
     if accelerator.is_main_process:
         truncate_metrics(run_dir, state.step)
+        _restore_last_log(run_dir, state.last_log)
         write_decisions(run_dir, state.decisions)
         print(f"resuming {run_dir} from step {state.step}", flush=True)
     return state
+
+
+def _restore_last_log(run_dir: Path, record: dict | None) -> None:
+    """Put back the checkpoint's newest log line where a crash tore it (the log is appended to
+    without fsync, the checkpoint is fsynced)."""
+    path = run_dir / METRICS
+    if record is not None and record not in (read_records(path) if path.exists() else []):
+        warnings.warn(
+            f"{path}: writing again the line of step {record['step']}, lost in a crash", stacklevel=3
+        )
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def write_decisions(run_dir: Path, decisions: list[dict]) -> None:

@@ -7,7 +7,9 @@ written.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,14 +20,15 @@ from accelvit.config import ConfigError, describe_defaults, load_config
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
-    from accelvit.backbone import build_backbone
+    from accelvit.backbone import build_backbone, vit_shape
     from accelvit.checkpoint import RunInUse, check_run_dir, create_run_dir, discard_unstarted, run_lock
     from accelvit.distributed import process_state
     from accelvit.train import pretrain
 
     cfg = load_config(args.recipe, args.set)
     with torch.device("meta"):  # a model timm cannot build fails before the run directory exists
-        build_backbone(cfg.model)
+        backbone = build_backbone(cfg.model)
+    check_memory(cfg, vit_shape(backbone, cfg.model.image_size))
     run_dir = Path(args.output) if args.output else _default_run_dir(Path(args.recipe))
     check_run_dir(run_dir, args.overwrite)  # before anything is written, the lock file included
     processes = process_state(cfg.train.process_timeout)  # the process group, with the recipe's timeout
@@ -44,6 +47,29 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_memory(cfg, shape) -> None:
+    """Refuse a recipe whose step cannot fit in memory, even by a lower bound, before any work:
+    it would otherwise fail in the first step's allocation, or take the machine down with it."""
+    import torch
+
+    from accelvit.budget import activation_bytes
+    from accelvit.distributed import use_cpu
+
+    views = 2  # every objective trains on two full-size views at least
+    half = cfg.train.precision in ("bf16", "fp16")
+    needed = activation_bytes(shape, cfg.model.patch_size, views * cfg.train.batch_size, 2 if half else 4)
+    if torch.cuda.is_available() and not use_cpu():
+        have, where = torch.cuda.get_device_properties(0).total_memory, "the GPU's"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    if needed > have:
+        raise ConfigError(
+            f"model.image_size = {cfg.model.image_size} with train.batch_size = {cfg.train.batch_size}: a "
+            f"step keeps at least {needed / 2**30:.0f} GiB of activations, more than {where} "
+            f"{have / 2**30:.0f} GiB; lower either"
+        )
+
+
 def _default_run_dir(recipe: Path) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # each process would stamp its own time; they must agree on one folder
@@ -52,12 +78,13 @@ def _default_run_dir(recipe: Path) -> Path:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from accelvit.checkpoint import run_lock, run_recipe
+    from accelvit.checkpoint import check_resumable, run_lock, run_recipe
     from accelvit.distributed import process_state
     from accelvit.train import pretrain
 
     run_dir = Path(args.run_dir)
     cfg = run_recipe(run_dir)
+    check_resumable(run_dir)
     process_state(cfg.train.process_timeout)
     with run_lock(run_dir):
         pretrain(cfg, run_dir, resume=True)
@@ -67,8 +94,14 @@ def _resume(args: argparse.Namespace) -> int:
 def _schedule(args: argparse.Namespace) -> int:
     from accelvit.budget import sample_rows, simulate
     from accelvit.build import flops_cost, measured_cost_fn, recipe_shape
-    from accelvit.report import format_schedule, plot_schedule
+    from accelvit.checkpoint import check_output
+    from accelvit.report import figure_path, format_schedule, plot_schedule
 
+    if args.rows < 2:
+        raise ConfigError(f"--rows {args.rows}: at least 2 (the first and the last step)")
+    if args.processes < 1:
+        raise ConfigError(f"--processes {args.processes}: at least 1")
+    plot = check_output(figure_path(Path(args.plot)), "--plot") if args.plot else None  # before the table
     cfg = load_config(args.recipe, args.set, check_paths=False)
     shape = recipe_shape(cfg)
     global_batch = cfg.train.batch_size * args.processes
@@ -77,8 +110,8 @@ def _schedule(args: argparse.Namespace) -> int:
     print(format_schedule(sample_rows(rows, args.rows), rows, global_batch, measured))
     if cfg.schedule.mode == "adaptive":
         print("adaptive: the run picks each stage's setting; shown are its ramps before the first stage")
-    if args.plot:
-        print(f"plot: {plot_schedule(sample_rows(rows, 401), Path(args.plot), title=Path(args.recipe).name)}")
+    if plot:
+        print(f"plot: {plot_schedule(sample_rows(rows, 401), plot, title=Path(args.recipe).name)}")
     return 0
 
 
@@ -182,11 +215,11 @@ def _grad_error(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from accelvit.checkpoint import check_output
     from accelvit.gradbias import SCHEMA
-    from accelvit.report import compare_table, load_grad_report, plot_grad_report
+    from accelvit.report import compare_table, figure_path, load_grad_report, plot_grad_report
 
-    for option in (args.output, args.plot):
-        if option:
-            check_output(Path(option))
+    if args.output:
+        check_output(Path(args.output))
+    plot = check_output(figure_path(Path(args.plot)), "--plot") if args.plot else None
     paths = [Path(p) for p in args.reports]
     reports = [load_grad_report(p, SCHEMA) for p in paths]
     labels = [p.stem for p in paths]
@@ -194,8 +227,8 @@ def _compare(args: argparse.Namespace) -> int:
     print(table)
     if args.output:
         Path(args.output).write_text(table)
-    if args.plot:
-        plot_grad_report(reports, Path(args.plot), labels)
+    if plot:
+        print(f"plot: {plot_grad_report(reports, plot, labels)}")
     return 0
 
 
@@ -222,28 +255,28 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    import json
+    from accelvit.checkpoint import DIAGNOSTICS, check_output, read_records
+    from accelvit.report import diagnostics_table, figure_path, plot_diagnostics
 
-    from accelvit.checkpoint import DIAGNOSTICS, check_output
-    from accelvit.report import diagnostics_table, plot_diagnostics
-
-    check_output(Path(args.output))
+    output = check_output(figure_path(Path(args.output)))
     runs = {}
     for run_dir in map(Path, args.run_dirs):
         path = run_dir / DIAGNOSTICS
         if not path.is_file():
             raise ConfigError(f"'{run_dir}' has no {DIAGNOSTICS} (train with train.diagnostics_every set)")
-        runs[str(run_dir)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        runs[str(run_dir)] = read_records(path)
+        if not runs[str(run_dir)]:
+            raise ConfigError(f"'{path}' holds no complete record")
     print(diagnostics_table(runs))
-    print(f"plot: {plot_diagnostics(runs, Path(args.output))}")
+    print(f"plot: {plot_diagnostics(runs, output)}")
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
     from accelvit.checkpoint import METRICS, check_output, read_metrics
-    from accelvit.report import plot_runs
+    from accelvit.report import figure_path, plot_runs
 
-    check_output(Path(args.output))
+    output = check_output(figure_path(Path(args.output)))
     runs = {}
     paths = [Path(p) for p in args.run_dirs]
     names = [p.name for p in paths]
@@ -251,7 +284,7 @@ def _plot(args: argparse.Namespace) -> int:
         if not (run_dir / METRICS).is_file():
             raise ConfigError(f"'{run_dir}' has no {METRICS}: not a run directory, or a run not started")
         runs[name if names.count(name) == 1 else str(run_dir)] = read_metrics(run_dir)  # short labels
-    print(f"plot: {plot_runs(runs, Path(args.output))}")
+    print(f"plot: {plot_runs(runs, output)}")
     return 0
 
 
@@ -260,8 +293,17 @@ def _defaults(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of the rest of accelvit: no usage block before them."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("accelvit").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"accelvit: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="accelvit", description="Cheaper self-supervised ViT pretraining.")
+    parser = _Parser(prog="accelvit", description="Cheaper self-supervised ViT pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def encoder_option(p: argparse.ArgumentParser) -> None:
@@ -381,10 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITE_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which checkpoints on it instead): not an `Exception`, so that
+    no handler of errors takes it for one."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed on one line
+        return exc.code
     try:
         return args.func(args)
+    except (KeyboardInterrupt, Terminated) as exc:
+        signal_name = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"accelvit: stopped by {signal_name}: {args.command} did not finish", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except ConfigError as exc:
         print(f"accelvit: error: {exc}", file=sys.stderr)
         return 2
@@ -397,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"accelvit: stopped: {exc}", file=sys.stderr)
             return 1
         raise
+    except OSError as exc:  # the machine refused a write: a full disk, a read-only mount, a quota
+        if exc.errno not in WRITE_REFUSALS:
+            raise
+        print(f"accelvit: stopped: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
 
 
 class _BestEffort:
@@ -432,7 +494,12 @@ class _BestEffort:
 def run() -> None:
     """The console entry point: `main` with output that a closed pipe cannot break."""
     sys.stdout, sys.stderr = _BestEffort(sys.stdout), _BestEffort(sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)  # a training loop puts its own handler in while it runs
     sys.exit(main())
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

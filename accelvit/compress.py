@@ -15,7 +15,10 @@ With keep 1, the base patch size and no merging the forward is exactly timm's `f
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -136,5 +139,39 @@ def forward_tokens(
 def forward_features(
     vit: VisionTransformer, images: torch.Tensor, setting: Setting | None = None
 ) -> torch.Tensor:
-    """Pooled backbone features (B, D) under a compression setting (timm's pooling and fc_norm)."""
+    """Pooled backbone features (B, D) under a compression setting (timm's pooling and fc_norm);
+    compiled inside `compiled_features`."""
+    mode = _compile_mode.get()
+    if mode is not None:
+        return _compiled(mode)(vit, images, setting)
+    return _features(vit, images, setting)
+
+
+def _features(vit: VisionTransformer, images: torch.Tensor, setting: Setting | None) -> torch.Tensor:
     return vit.forward_head(forward_tokens(vit, images, setting), pre_logits=True)
+
+
+COMPILE_BACKEND = "inductor"  # tests compile with "aot_eager": the same graphs, no C++ build
+_compile_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("compile_mode", default=None)
+
+
+@functools.cache
+def _compiled(mode: str):
+    # Static shapes: one graph per (backbone, setting, batch size), the setting's fields are guards.
+    # The schedule's bucketed settings (schedule.keep_buckets) bound their number; torch's cache
+    # (on disk, inductor's FX graph cache) spares a resumed run the compile time.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    return torch.compile(
+        _features, mode=None if mode == "default" else mode, dynamic=False, backend=COMPILE_BACKEND
+    )
+
+
+@contextlib.contextmanager
+def compiled_features(mode: str) -> Iterator[None]:
+    """`forward_features` compiled in `mode` (train.compile) within the block; "no": as it is.
+    The training step alone runs in it: evaluation's batches of other sizes stay eager."""
+    token = _compile_mode.set(None if mode == "no" else mode)
+    try:
+        yield
+    finally:
+        _compile_mode.reset(token)

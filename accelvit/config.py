@@ -54,6 +54,9 @@ def _copy(value: Any) -> Any:
     return dataclasses.replace(value) if dataclasses.is_dataclass(value) else type(value)(value)
 
 
+COMPILE_KEEP_BUCKETS = 16  # token counts a compiled run sees: keep in steps of 1/16
+
+
 @dataclass
 class ModelConfig:
     arch: str = _doc("vit_tiny_patch16_224", "timm ViT name; built with random init, no download")
@@ -186,6 +189,11 @@ class ScheduleConfig:
     dropout_views: Literal["query", "all"] = _doc(
         "query", "which views drop (and merge) tokens: query (gradient-carrying views only) or all"
     )
+    keep_buckets: int | None = _doc(
+        None,
+        "round keep ratios up, merge fractions down, to multiples of 1/N (of 1/2N): a bounded number of "
+        f"token counts, one compiled graph each (null: exact; {COMPILE_KEEP_BUCKETS} with train.compile)",
+    )
     mode: Literal["fixed", "adaptive"] = _doc(
         "fixed", "fixed: keep/patch ramps; adaptive: measure CA-MSE at `stages` and switch"
     )
@@ -248,6 +256,11 @@ class TrainConfig:
     )
     checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = _doc(
+        "no",
+        "torch.compile mode of the backbone forward (reduce-overhead: CUDA graphs), one graph per "
+        "compression setting: the schedule's settings are bucketed (schedule.keep_buckets)",
+    )
     precision: Literal["no", "fp16", "bf16"] = _doc(
         "no", "mixed precision: no, fp16 or bf16 (unset: the launcher's, accelerate launch --mixed_precision)"
     )
@@ -307,6 +320,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
     if isinstance(train, dict) and train.get("budget") is not None and "steps" not in train:
         train["steps"] = None  # a budget replaces the default number of steps
     cfg = from_dict(Config, raw, "")
+    if cfg.train.compile != "no" and cfg.schedule.keep_buckets is None:
+        cfg.schedule.keep_buckets = COMPILE_KEEP_BUCKETS  # written into the run's recipe.yaml
     validate(cfg, check_paths)
     return cfg
 
@@ -315,8 +330,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
 # variables an Accelerator would pick up silently, and that accelvit's loop does not do.
 UNSUPPORTED_LAUNCHER = {
     "ACCELERATE_DYNAMO_BACKEND": (
-        "--dynamo_backend (torch.compile) is not supported: a curriculum would recompile at every new "
-        "patch size and keep ratio; launch without it"
+        "--dynamo_backend (torch.compile of the whole model) is not supported: a curriculum would "
+        "recompile at every new patch size and keep ratio; use train.compile instead"
     ),
     "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": (
         "--gradient_accumulation_steps is not supported: the loop steps the optimizer every batch; raise "
@@ -384,7 +399,18 @@ def read_yaml(path: str | Path, what: str = "recipe", _chain: tuple[Path, ...] =
     root = chain[0].parent
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            # YAML lets a later key silently replace an earlier one: in a recipe that is a mistake
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ConfigError(
+                        f"{path}: line {key_node.start_mark.line + 1}: key {_excerpt(key)} given twice "
+                        f"(first on line {seen[key] + 1})"
+                    )
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
 
     def include(loader: yaml.SafeLoader, node: yaml.Node) -> dict:
         name = loader.construct_scalar(node)
@@ -571,7 +597,12 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 
 
 def _excerpt(value: Any, limit: int = 60) -> str:
-    """The value as an error message shows it: its repr, cut short (a recipe may include secrets)."""
+    """The value as an error message shows it: its repr, cut short, and a mapping or list by its
+    type and size only (it may be a whole file brought in by !include, secrets and all)."""
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} key{'s' * (len(value) != 1)}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return f"a list of {len(value)} item{'s' * (len(value) != 1)}"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -609,6 +640,8 @@ SIZE_LIMITS = {
     "train.grad_error_batches": 4096,
     "schedule.adaptive_batches": 4096,
     "eval.batch_size": 65536,
+    "cost.repeats": 1000,
+    "schedule.keep_buckets": 1024,
 }
 
 
@@ -724,6 +757,12 @@ def _check_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
 
 def _check_schedule(s: ScheduleConfig, m: ModelConfig) -> None:
     _validate_ramp(s.keep, "schedule.keep", keep_ok, "keep ratio must be in (0, 1]")
+    _require(
+        s.keep_buckets is None or s.keep_buckets > 0,
+        "schedule.keep_buckets",
+        s.keep_buckets,
+        "must be positive",
+    )
     allowed = patch_sizes(m)
     rule = "divisors of model.image_size >= model.patch_size" + (
         f", multiples of the stem's stride {stem_stride(m.stem)}" if m.stem else ""

@@ -150,7 +150,11 @@ def evaluate_backbone(
     try:
         train, test = (
             extract_features(
-                lambda x: forward_features(vit, x), images, model.image_size, cfg.batch_size, device,
+                lambda x: forward_features(vit, x),
+                images,
+                model.image_size,
+                cfg.batch_size,
+                device,
                 progress=f"{split} features" if progress else None,
             )  # fmt: skip
             for split, images in zip(("train", "test"), labelled_splits(data, cfg), strict=True)

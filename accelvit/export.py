@@ -95,7 +95,11 @@ def export_backbone(
     """
     cfg = run_recipe(run_dir, check_paths=False)
     folder = out.suffix != ".safetensors"
-    if folder and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if folder and out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"-o {out}: exists and is not a folder (a name without .safetensors asks for a timm folder)"
+        )
+    if folder and out.exists() and any(out.iterdir()):
         raise ConfigError(f"-o {out}: exists and is not an empty folder (a timm folder is written anew)")
     check_output(out.with_name(TMP_PREFIX + out.name) if folder else out)  # a folder is written there first
     path = resolve_checkpoint(run_dir, checkpoint)

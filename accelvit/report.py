@@ -307,9 +307,15 @@ def pyplot():
     return plt
 
 
+def figure_path(path: Path) -> Path:
+    """Where a figure asked for at `path` goes: matplotlib adds .png to a name without a suffix."""
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
 def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    path = figure_path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -15,9 +15,7 @@ from accelvit.config import OptimConfig, RampConfig, ScheduleConfig
 from accelvit.setting import MAX_MERGE, Setting, allowed_patch_sizes, setting_of, snap_patch
 
 
-def ramp_value(
-    ramp: RampConfig, progress: float, default: float | None = None, draw: float = 0.0
-) -> float:
+def ramp_value(ramp: RampConfig, progress: float, default: float | None = None, draw: float = 0.0) -> float:
     """Value of one ramp at `progress` in [0, 1]; `default` stands in for a null start.
 
     `draw` in [0, 1) picks the value of a `random` ramp (inverse CDF of its weights).
@@ -85,10 +83,16 @@ def setting_at(
         draw = step_draw(seed, step, knob) if ramp.shape == "random" else 0.0
         return ramp_value(ramp, progress, default, draw)
 
+    keep = min(max(value("keep", None), 1e-6), 1.0)
+    merge = min(max(value("merge", 0.0), 0.0), MAX_MERGE)
+    if cfg.keep_buckets:  # toward less compression, so a bucketed run never compresses more than asked
+        n = cfg.keep_buckets
+        keep = math.ceil(keep * n - 1e-9) / n
+        merge = math.floor(merge * 2 * n + 1e-9) / (2 * n)
     return Setting(
-        keep=min(max(value("keep", None), 1e-6), 1.0),
+        keep=keep,
         patch=snap_patch(value("patch", base_patch), allowed_patch_sizes(image_size, base_patch, stride)),
-        merge=min(max(value("merge", 0.0), 0.0), MAX_MERGE),
+        merge=merge,
     )
 
 

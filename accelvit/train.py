@@ -35,6 +35,7 @@ from accelvit.checkpoint import (
     save,
     write_decisions,
 )
+from accelvit.compress import compiled_features
 from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig
 from accelvit.data import load_dataset
 from accelvit.diagnostics import measure_blocks, probe_batch
@@ -182,6 +183,8 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
     # Data, and the cost of a step in budget units per image (the budget's currency)
     report_position(-2, "loading the data")
     images = load_dataset(cfg.data, train=True)
+    if train.eval_every:  # the split the in-loop kNN tests on: missing, it must fail now, not at step N
+        load_dataset(cfg.data, train=False)
     stream = build_stream(cfg, images, accelerator, state.step)
     probe = None
     if train.diagnostics_every:  # the fixed batch the attention diagnostics are measured on
@@ -244,9 +247,17 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
             optimizer.param_groups[0]["weight_decay"] = weight_decay_at(cfg.optim, progress)
 
             # Forward, backward, step, momentum; a non-finite loss or gradient skips the step or stops
-            loss, grad_norm, finite = train_step(
-                accelerator, model, optimizer, views, setting, progress, cfg.optim.clip_grad, train.precision
-            )
+            with compiled_features(train.compile):
+                loss, grad_norm, finite = train_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    views,
+                    setting,
+                    progress,
+                    cfg.optim.clip_grad,
+                    train.precision,
+                )
             if not finite and (train.on_nonfinite == "stop" or state.skipped_in_row + 1 >= train.max_skipped):
                 # stopping checkpoints the state before this step: the counters move only after it
                 state.partial_log = meter.partial(accelerator)
@@ -263,6 +274,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
                 warning = collapse_warning(record, shape.embed_dim) if record["progress"] >= 0.1 else None
                 if main:
                     append_jsonl(run_dir / METRICS, record)
+                    state.last_log = record
                     log_scalars(accelerator, record)
                     show(bar, record, setting)
                     if warning and not warned:
@@ -276,6 +288,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
                     result = evaluate_backbone(encoder, cfg.model, cfg.data, cfg.eval, accelerator.device)
                     record = {"step": state.step, "knn_top1": result["knn_top1"]}
                     append_jsonl(run_dir / METRICS, record)
+                    state.last_log = record
                     log_scalars(accelerator, record)
                     bar.write(f"step {state.step}: kNN top-1 {result['knn_top1']:.4f}")
                 accelerator.wait_for_everyone()

@@ -156,7 +156,8 @@ def measure(args: argparse.Namespace) -> dict:
         "shards_over_folder": shards_rate / folder_rate,
     }
     print(
-        f"medians of {args.repeats}: folder, per-image transforms: {folder_rate:.0f} images/s; shards, batched views on {device.type}: "
+        f"medians of {args.repeats}: folder, per-image transforms: {folder_rate:.0f} images/s; "
+        f"shards, batched views on {device.type}: "
         f"{shards_rate:.0f} images/s ({shards_rate / folder_rate:.2f}x), {jpeg_bytes / 1024:.1f} kB an image"
     )
     name = "data_path" + ("-smoke" if args.smoke else "")

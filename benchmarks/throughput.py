@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=2, help="data-loader workers for data_s")
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument(
+        "--compile", default="no", choices=["no", "default", "reduce-overhead", "max-autotune"],
+        help="train.compile: the backbone forward compiled per setting (warm-up steps compile)",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny model and grid, one round")
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     from accelvit.backbone import vit_shape
     from accelvit.budget import tokens_per_view
     from accelvit.build import build_model, flops_cost
+    from accelvit.compress import compiled_features
     from accelvit.config import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig
     from accelvit.setting import Setting, parse_strategies
     from accelvit.train import build_optimizer
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     def step(setting: Setting) -> float:
         synchronize()
         start = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+        with autocast, compiled_features(args.compile):
             loss = model(views, setting, 0.0)
         loss.backward()
         optimizer.step()
@@ -151,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": data.dataset,
         "workers": args.workers,
         "precision": args.precision,
+        "compile": args.compile,
         "batch": args.batch,
         "rounds": args.rounds,
         "rows": rows,

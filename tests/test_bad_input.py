@@ -107,6 +107,41 @@ def _export_under_a_file(tmp, recipe):
     return ["export", str(run), "-o", str(tmp / "notes.txt/backbone.safetensors")]
 
 
+def _run_under_a_file(tmp, recipe):
+    (tmp / "notes.txt").write_text("a file, not a folder")
+    return ["pretrain", str(recipe), "-o", str(tmp / "notes.txt/run")]
+
+
+def _duplicate_key(tmp, recipe):
+    (tmp / "twice.yaml").write_text(recipe.read_text() + "train: {steps: 3}\n")
+    return ["pretrain", str(tmp / "twice.yaml"), "-o", str(tmp / "out")]
+
+
+def _included_mapping_as_a_value(tmp, recipe):
+    (tmp / "secret.yaml").write_text("password: hunter2\n")
+    (tmp / "inc.yaml").write_text("model: {arch: !include secret.yaml}\n")
+    return ["pretrain", str(tmp / "inc.yaml"), "-o", str(tmp / "out")]
+
+
+def _export_to_a_device(tmp, recipe):
+    return ["export", str(_trained_run(tmp, recipe)), "-o", "/dev/null"]
+
+
+def _checkpoints_a_file(tmp, recipe):
+    create_run_dir(tmp / "run", load_config(recipe))
+    (tmp / "run/checkpoints").write_text("not a folder")
+    return ["resume", str(tmp / "run")]
+
+
+def _no_val_split(tmp, recipe):
+    from PIL import Image
+
+    (tmp / "images/train/cls").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 60, 0, 0)).save(tmp / f"images/train/cls/{i}.png")
+    return _pretrain(tmp, recipe, "data.dataset=imagefolder", f"data.root={tmp / 'images'}", "train.eval_every=2")
+
+
 # (case, argv builder, message as in the README)
 CASES = [
     ("malformed YAML", _malformed, "bad.yaml: line 3, column 9: malformed YAML"),
@@ -183,6 +218,21 @@ CASES = [
     ("size that would hang", lambda t, r: _pretrain(t, r, "train.batch_size=1000000000"), "train.batch_size = 1000000000: must be at most 65536"),
     ("depth that would hang", lambda t, r: _pretrain(t, r, "model.depth=100000"), "model.depth = 100000: must be at most 1024"),
     ("value shown only in part", lambda t, r: _pretrain(t, r, "data.dataset=imagefolder", "data.root=/" + "d" * 200), "dddddd...: dataset folder does not exist"),
+    ("run directory under a file", _run_under_a_file, "-o {tmp}/notes.txt/run: {tmp}/notes.txt is not a folder"),
+    ("plot that cannot be written", lambda t, r: ["schedule", str(r), "--plot", "/proc/x.png"], "--plot /proc/x.png: not writable"),
+    ("key given twice", _duplicate_key, "key 'train' given twice (first on line"),
+    ("timing repeats that would hang", lambda t, r: _pretrain(t, r, "cost.repeats=1000000000"), "cost.repeats = 1000000000: must be at most 1000"),
+    ("no table rows", lambda t, r: ["schedule", str(r), "--rows", "0"], "--rows 0: at least 2 (the first and the last step)"),
+    ("negative table rows", lambda t, r: ["schedule", str(r), "--rows", "-3"], "--rows -3: at least 2"),
+    ("no processes", lambda t, r: ["schedule", str(r), "--processes", "0"], "--processes 0: at least 1"),
+    ("negative processes", lambda t, r: ["schedule", str(r), "--processes", "-2"], "--processes -2: at least 1"),
+    ("included file where a value goes", _included_mapping_as_a_value, "model.arch = a mapping of 1 key: expected a string"),
+    ("timm folder export to a device", _export_to_a_device, "-o /dev/null: exists and is not a folder (a name without .safetensors asks for a timm folder)"),
+    ("resume with checkpoints/ a file", _checkpoints_a_file, "checkpoints' is not a folder of the run: move it away"),
+    ("evaluation without a val/ split", _no_val_split, "evaluation needs a val/ folder beside train/"),
+    ("step that cannot fit in memory", lambda t, r: _pretrain(t, r, "model.image_size=2048", "train.batch_size=512"), "a step keeps at least"),
+    ("no command", lambda t, r: [], "the following arguments are required: command (see accelvit --help)"),
+    ("unknown command", lambda t, r: ["frob"], "invalid choice: 'frob'"),
 ]
 
 
@@ -194,7 +244,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, tiny_recipe, cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("accelvit: error: "), err
-    assert message in err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert "hunter2" not in err  # an included file's content is never echoed
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
@@ -221,13 +272,14 @@ def test_the_readme_table_lists_every_case():
     for case, _, message in CASES:
         row = re.search(rf"^\| {re.escape(case)} \|.*$", table, re.M)
         assert row, f"README bad-input table has no row for {case!r}"
-        assert re.sub(r"\\\|", "|", message.replace("`", "")) in row.group(0).replace("`", ""), case
+        expected = re.sub(r"\\\|", "|", message.replace("`", "").replace("{tmp}", "TMP"))
+        assert expected in row.group(0).replace("`", ""), case
 
 
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR", "--dynamo_backend (torch.compile) is not supported"),
+        ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR", "--dynamo_backend (torch.compile of the whole model) is not supported"),
         ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", "--gradient_accumulation_steps is not supported"),
         ("ACCELERATE_USE_FSDP", "true", "FSDP is not supported"),
         ("ACCELERATE_USE_DEEPSPEED", "true", "DeepSpeed is not supported"),
@@ -255,3 +307,10 @@ def test_a_recipe_without_precision_takes_the_launchers(tiny_recipe, monkeypatch
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert load_config(tiny_recipe).train.precision == "no"
+
+
+def test_a_plot_named_without_a_suffix_says_the_file_it_wrote(tmp_path, tiny_recipe, capsys):
+    (tmp_path / "plots").mkdir()
+    assert main(["schedule", str(tiny_recipe), "--plot", str(tmp_path / "plots")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"plot: {tmp_path / 'plots.png'}"
+    assert (tmp_path / "plots.png").is_file() and list((tmp_path / "plots").iterdir()) == []

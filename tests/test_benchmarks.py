@@ -412,3 +412,13 @@ def test_data_path_smoke(tmp_path):
         result["shards_images_per_s"] / result["folder_images_per_s"]
     )
     assert 0 < result["shard_bytes_per_image"] < 60 * 50 * 3
+
+
+def test_end_to_end_smoke(tmp_path):
+    from benchmarks import end_to_end
+
+    out = tmp_path / "e2e.json"
+    result = written(out, end_to_end.main(["--smoke", "-o", str(out)]))
+    for side in ("baseline", "accel"):
+        assert result[side]["steps"] == 6 and result[side]["wall_s"] > 0  # 4 windows of 2, the first untimed
+    assert result["end_to_end"]["budget_ratio"] > 1  # the accelerated recipe's schedule compresses

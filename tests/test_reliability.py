@@ -3,6 +3,7 @@ disk write, corrupt image files, an edited recipe. Nothing before the last check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -311,7 +312,10 @@ def test_resume_refuses_a_checkpoint_of_another_major_version(tmp_path, tiny_con
         version = json.loads(text)["accelvit"]
         identity.write_text(text.replace(f'"{version}"', f'"9{version[1:]}"'))
         manifest = json.loads((checkpoint / "manifest.json").read_text())  # as that version wrote it
-        manifest["files"]["identity.json"] = {"size": identity.stat().st_size, "sha256": file_digest(identity)}
+        manifest["files"]["identity.json"] = {
+            "size": identity.stat().st_size,
+            "sha256": file_digest(identity),
+        }
         (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(["resume", str(run_dir)]) == 2
@@ -402,7 +406,9 @@ def test_an_intact_rng_state_that_cannot_be_loaded_is_passed_over_not_an_info_li
     manifest["files"]["random_states_0.pkl"] = {"size": rng.stat().st_size, "sha256": file_digest(rng)}
     (newest / MANIFEST).write_text(json.dumps(manifest))
     before = (newest / "model.safetensors").read_bytes()
-    with pytest.warns(UserWarning, match=r"step_6' is damaged: random_states_0.pkl cannot be loaded \(KeyError"):
+    with pytest.warns(
+        UserWarning, match=r"step_6' is damaged: random_states_0.pkl cannot be loaded \(KeyError"
+    ):
         pretrain(tiny_config, run_dir, resume=True)
     assert (newest / "model.safetensors").read_bytes() == before
 
@@ -412,7 +418,9 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path, tiny_c
     create_run_dir(run_dir, tiny_config)
     pretrain(tiny_config, run_dir)
     for checkpoint in list_checkpoints(run_dir):
-        (checkpoint / "model.safetensors").write_bytes(b"x" * (checkpoint / "model.safetensors").stat().st_size)
+        (checkpoint / "model.safetensors").write_bytes(
+            b"x" * (checkpoint / "model.safetensors").stat().st_size
+        )
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="every checkpoint is damaged"):
         pretrain(tiny_config, run_dir, resume=True)
 
@@ -432,7 +440,16 @@ def test_weights_that_are_no_longer_finite_are_not_saved_as_the_last_good_state(
         model.backbone.blocks[0].attn.qkv.weight[0, 0] = float("inf")  # an update blew a weight up
     state, nan = TrainState(step=7), torch.tensor(float("nan"))
     with pytest.raises(NonFiniteError, match=r"the weights are no longer finite; last good state: .*step_6$"):
-        _stop_nonfinite(Accelerator(cpu=True), model, run_dir, state, tiny_config.train, run_identity(tiny_config), nan, nan)
+        _stop_nonfinite(
+            Accelerator(cpu=True),
+            model,
+            run_dir,
+            state,
+            tiny_config.train,
+            run_identity(tiny_config),
+            nan,
+            nan,
+        )
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_3", "step_6"]  # nothing saved
 
 
@@ -544,7 +561,10 @@ def _replace_in_checkpoint(checkpoint: Path, name: str, write) -> None:
 
     write(checkpoint / name)
     manifest = json.loads((checkpoint / MANIFEST).read_text())
-    manifest["files"][name] = {"size": (checkpoint / name).stat().st_size, "sha256": file_digest(checkpoint / name)}
+    manifest["files"][name] = {
+        "size": (checkpoint / name).stat().st_size,
+        "sha256": file_digest(checkpoint / name),
+    }
     (checkpoint / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -575,7 +595,9 @@ def test_a_checkpoint_that_loads_but_is_no_good_state_is_passed_over(tmp_path, t
     newest = run_dir / "checkpoints/step_6"
     if damage == "nan_weights":  # the manifest agrees: the weights were NaN when saved
         weights = load_file(newest / "model.safetensors")
-        weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
+        weights = {
+            k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()
+        }
         _replace_in_checkpoint(newest, "model.safetensors", lambda p: save_file(weights, p))
         why = "its weights are not finite"
     else:
@@ -672,3 +694,197 @@ def test_a_killed_runs_orphaned_workers_do_not_hold_its_lock(tmp_path, tiny_reci
             pass
     finally:
         os.kill(child_pid.value, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint folders that are not what their names say, prunes and saves cut short, full disks
+
+
+def _trained(tmp_path, cfg) -> Path:
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    pretrain(cfg, run_dir)
+    return run_dir
+
+
+def test_a_checkpoint_replaced_by_a_link_outside_the_run_is_neither_resumed_nor_written_through(
+    tmp_path, tiny_config
+):
+    run_dir = _trained(tmp_path, tiny_config)
+    outside = tmp_path / "elsewhere"
+    shutil.move(run_dir / "checkpoints/step_6", outside)
+    (run_dir / "checkpoints/step_6").symlink_to(outside, target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    with pytest.warns(UserWarning, match="step_6 is a link, not a checkpoint of this run"):
+        assert pretrain(tiny_config, run_dir, resume=True).step == 6  # from step_3, then saves step_6
+    assert (run_dir / "checkpoints/step_6").is_dir() and not (run_dir / "checkpoints/step_6").is_symlink()
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before  # the link's target untouched
+
+
+@pytest.mark.parametrize("name", ["step_9", "step_6.bak"])
+def test_a_renamed_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_config, name):
+    run_dir = _trained(tmp_path, tiny_config)
+    (run_dir / "checkpoints/step_6").rename(run_dir / "checkpoints" / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pretrain(tiny_config, run_dir, resume=True).step == 6
+    if name == "step_9":  # a step_N whose state names another step: damaged, passed over, kept
+        assert any("its trainer_state.json says step 6" in str(w.message) for w in caught)
+        assert (run_dir / "checkpoints/step_9").is_dir()
+    assert (run_dir / "checkpoints" / name).is_dir()  # never deleted
+    assert [p.name for p in list_checkpoints(run_dir)][-1] in ("step_6", "step_9")
+
+
+def test_a_prune_cut_short_leaves_nothing_behind_after_the_next_resume(tmp_path, tiny_config, monkeypatch):
+    import accelvit.checkpoint as checkpoint
+
+    tiny_config.train.keep_checkpoints = 1
+    real_remove = checkpoint._remove
+
+    def killed_mid_prune(path):  # the prune's manifest is gone when the process dies
+        if path.name == "step_3":
+            raise KeyboardInterrupt
+        real_remove(path)
+
+    monkeypatch.setattr(checkpoint, "_remove", killed_mid_prune)
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, tiny_config)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config, run_dir)
+    monkeypatch.setattr(checkpoint, "_remove", real_remove)
+    left = run_dir / "checkpoints/step_3"
+    assert left.is_dir() and not (left / "manifest.json").exists()
+    with pytest.warns(UserWarning, match="step_3, left without its manifest by an interrupted prune"):
+        pretrain(tiny_config, run_dir, resume=True)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_6"]
+
+
+def test_a_lost_newest_manifest_is_warned_about_and_its_folder_moved_aside_not_deleted(tmp_path, tiny_config):
+    run_dir = _trained(tmp_path, tiny_config)
+    (run_dir / "checkpoints/step_6/manifest.json").unlink()
+    files = sorted(p.name for p in (run_dir / "checkpoints/step_6").iterdir())
+    with pytest.warns(UserWarning) as caught:
+        assert pretrain(tiny_config, run_dir, resume=True).step == 6
+    messages = [str(w.message) for w in caught]
+    assert any("step_6 has no manifest.json: not resumed from, kept for inspection" in m for m in messages)
+    assert any("moving" in m and "aside" in m for m in messages)
+    (aside,) = (run_dir / "checkpoints").glob("damaged-step_6-*")
+    assert sorted(p.name for p in aside.iterdir()) == files
+    assert (run_dir / "checkpoints/step_6/manifest.json").is_file()  # saved again
+
+
+def test_a_log_line_torn_after_its_checkpoint_was_saved_is_written_again(tmp_path, tiny_config):
+    run_dir = _trained(tmp_path, tiny_config)
+    uninterrupted = (run_dir / "metrics.jsonl").read_text()
+    lines = uninterrupted.splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text("".join(lines[:-1]) + lines[-1][:20])  # power loss mid-line
+    with pytest.warns(UserWarning, match="writing again the line of step 6"):
+        pretrain(tiny_config, run_dir, resume=True)
+    assert (run_dir / "metrics.jsonl").read_text() == uninterrupted
+
+
+def _immutable(path: Path):
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    return path
+
+
+def test_a_run_directory_that_refuses_writes_is_one_line(tmp_path, tiny_recipe, capsys):
+    run_dir = _trained(tmp_path, load_config(tiny_recipe))
+    capsys.readouterr()
+    frozen = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    _immutable(run_dir)
+    try:
+        for argv in (
+            ["resume", str(run_dir)],
+            ["pretrain", str(tiny_recipe), "-o", str(run_dir / "new")],
+            ["pretrain", str(tiny_recipe), "-o", str(run_dir), "--overwrite"],
+        ):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.endswith("not writable\n"), err
+    finally:
+        subprocess.run(["chattr", "-i", str(run_dir)], check=True)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == frozen
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_during_a_save_says_so(small_disk, tiny_recipe, capsys):
+    run_dir = small_disk / "run"
+    assert main(["pretrain", str(tiny_recipe), "-o", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"accelvit: stopped: could not write checkpoint {run_dir / 'checkpoints/step_3'}")
+    assert "No space left on device" in err and err.endswith("no earlier checkpoint")
+    assert not list((run_dir / "checkpoints").iterdir())
+
+
+def test_resume_on_a_full_disk_is_one_line(tmp_path, small_disk, tiny_config, capsys):
+    run_dir = _trained(tmp_path, tiny_config)
+    shutil.rmtree(run_dir / "checkpoints/step_3")
+    shutil.copytree(run_dir, small_disk / "run", ignore=shutil.ignore_patterns("step_*"))
+    with open(small_disk / "fill", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:  # the rest of the disk
+            f.write(b"x" * 4096)
+    assert main(["resume", str(small_disk / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("accelvit: stopped: No space left on device"), err
+
+
+def test_diagnose_reads_a_log_whose_last_line_was_torn(tmp_path, tiny_recipe, capsys):
+    cfg = load_config(tiny_recipe, ["train.diagnostics_every=2"])
+    run_dir = _trained(tmp_path, cfg)
+    log = run_dir / "diagnostics.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:-1]) + lines[-1][:30])
+    assert main(["diagnose", str(run_dir), "-o", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").is_file()
+    log.write_text(lines[0][:30])
+    assert main(["diagnose", str(run_dir), "-o", str(tmp_path / "e.png")]) == 2
+    assert "holds no complete record" in capsys.readouterr().err
+
+
+SLOW_EMBED = """
+import sys, time
+import accelvit.embed as embed
+
+def slow(*args, **kwargs):
+    print("extracting", flush=True)
+    time.sleep(60)
+
+embed.embed_folder = slow
+sys.argv = ["accelvit", *sys.argv[1:]]
+from accelvit.cli import run
+run()
+"""
+
+
+def test_sigterm_during_embed_says_it_stopped_and_writes_nothing(tmp_path, tiny_config):
+    run_dir = _trained(tmp_path, tiny_config)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images/a.png")
+    out = tmp_path / "e.npy"
+    args = ["embed", str(run_dir), "--data", str(tmp_path / "images"), "-o", str(out), "--workers", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EMBED, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "extracting"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1] == "accelvit: stopped by SIGTERM: embed did not finish"
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
