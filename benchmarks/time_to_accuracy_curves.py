@@ -45,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as `pyt
 from accelvit.backbone import build_backbone  # noqa: E402
 from accelvit.budget import simulate, table_cost_fn  # noqa: E402
 from accelvit.build import flops_cost, recipe_shape  # noqa: E402
+from accelvit.checkpoint import RECIPE  # noqa: E402
 from accelvit.config import Config, dump_config, load_config  # noqa: E402
-from accelvit.evaluate import (  # noqa: E402  # noqa: E402
+from accelvit.evaluate import (  # noqa: E402
     evaluate_backbone,
     evaluate_run,
     extract_features,
@@ -348,6 +349,19 @@ def measure_point(name: str, kind: str, fraction: float, seed: int, args, done: 
     done.add(row["run_recipe"])
 
 
+def rekey(result: dict, runs: Path) -> None:
+    """Key each row by its run directory's recipe as this accelvit resolves it, and keep one row
+    per run: a key is the digest of the resolved recipe, which changes when accelvit adds a key
+    (with its default), and a finished run must not be scored twice for that."""
+    kept = {}
+    for r in result["rows"]:
+        run_dir = runs / f"{r['objective']}-{r['kind']}-{r['fraction']:g}B-seed{r['seed']}"
+        if (run_dir / RECIPE).is_file():
+            r["run_recipe"] = recipe_key(load_config(run_dir / RECIPE, check_paths=False))
+        kept.setdefault(r["run_recipe"], r)
+    result["rows"] = list(kept.values())
+
+
 def objective_summary(name: str, rows: list[dict], earlier: dict, args) -> dict:
     """References (computed once), alone timings (`--time`: the settings not timed yet) and speedups."""
     common = SMOKE if args.smoke else []
@@ -373,6 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output or RESULTS / f"time_to_accuracy_curves-{smoke}{device().type}.json")
     names, kinds = args.objectives.split(","), args.kinds.split(",")
     with locked_result(out) as result:
+        rekey(result, Path(args.runs) / ("smoke" if args.smoke else ""))
         done = {r["run_recipe"] for r in result["rows"]}
     for name in names:
         for kind in kinds:
