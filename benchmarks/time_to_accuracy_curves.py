@@ -412,7 +412,39 @@ def main(argv: list[str] | None = None) -> dict:
             full = setting_of_label(summary["full"])
             with_costs(mine, summary["step_seconds"], summary["full_step_units"], full)
         print(format_table(result))
+        plot_curves(result, out)
         return result
+
+
+def plot_curves(result: dict, out: Path) -> list[Path]:
+    """Accuracy against budget (log x), both frontiers, one picture per objective and metric: each
+    seed's point, the seed mean joined by a line, one standard error as a bar."""
+    from accelvit.report import pyplot, save_figure
+
+    plt, paths = pyplot(), []
+    for name in sorted({r["objective"] for r in result["rows"]}):
+        mine = [r for r in result["rows"] if r["objective"] == name]
+        for metric in ("knn", "linear"):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for kind, colour in (("baseline", "tab:gray"), ("accel", "tab:blue")):
+                points = [r for r in mine if r["kind"] == kind]
+                if not points:
+                    continue
+                budgets, values = [r["budget"] for r in points], [r[metric] for r in points]
+                errors = [r[f"{metric}_se"] for r in points]
+                ax.errorbar(budgets, values, yerr=errors, fmt="o", color=colour, alpha=0.6)
+                line = frontier(points, kind, metric, "budget")
+                ax.plot(*zip(*line, strict=True), "-", color=colour, label=kind)
+            summary = result["objectives"].get(name, {})
+            if f"pixels_{metric}" in summary:
+                ax.axhline(summary[f"pixels_{metric}"], color="tab:red", ls=":", label="raw pixels")
+            ax.set_xscale("log")
+            ax.set_xlabel("budget (units of one full-input forward per image)")
+            ax.set_ylabel(f"{metric} top-1 (full splits)")
+            ax.set_title(f"{name}: {metric}")
+            ax.legend()
+            paths.append(save_figure(fig, out.with_name(f"{out.stem}-{name}-{metric}.png")))
+    return paths
 
 
 def format_table(result: dict) -> str:

@@ -378,6 +378,7 @@ def test_time_to_accuracy_curves_smoke_scores_both_frontiers_and_reuses_rows(tmp
     assert {"pixels_knn", "pixels_linear", "untrained_knn", "step_seconds"} <= set(summary)
     assert {t["patch"] for t in summary["step_seconds"]} == {4, 8}
     assert set(summary["speedup"]) == {"knn", "linear"}
+    assert {p.name for p in tmp_path.glob("*.png")} == {"curves-simclr-knn.png", "curves-simclr-linear.png"}
     # a second call trains nothing: every row is found by its run's recipe, even without its run dir
     shutil.rmtree(runs)
     again = curves.main(argv)
