@@ -4,9 +4,9 @@ At high compression a ViT step gets several times cheaper, while lightly's per-i
 cost the same per view and run on the CPU: on small machines they, not the ViT, then set the pace
 (see the README's Performance section). With `data.augment: device` the loader only decodes and
 resizes images (or only reads JPEG bytes from shards), and this module draws every view of a batch
-at once, on the GPU (or CPU) that trains: random resized crop and horizontal flip (one affine
-`grid_sample`), colour jitter (brightness, contrast, saturation, hue), random grayscale, Gaussian
-blur, solarization, and normalisation.
+at once, on the GPU (or CPU) that trains: random resized crop and horizontal flip (two 1-D
+bilinear passes, the samples of an affine `grid_sample`), colour jitter (brightness, contrast,
+saturation, hue), random grayscale, Gaussian blur, solarization, and normalisation.
 
 Each image gets its own parameters, drawn on the CPU from a generator seeded per step, so the stream
 stays a pure function of (seed, step, process) and the device never has to report which images are
@@ -163,16 +163,15 @@ def pad_into(buffer: torch.Tensor, images) -> torch.Tensor:
 
 def render(source: torch.Tensor, draw: ViewDraw, size: int, radius: int, out=None) -> torch.Tensor:
     """One view of each image of `source` (B, 3, H, W) float in [0, 255], normalised (into `out`)."""
-    device = source.device
+    device, luma = source.device, LUMA.to(source.device)
     v = resized_crops(source, draw.boxes, size, draw.flip, draw.extent)
     v.mul_(_on(device, draw.brightness / 255)[:, None, None, None]).clamp_(0, 1)
     contrast = _on(device, draw.contrast)[:, None, None, None]
-    mean = (v.mean(dim=(2, 3)) @ LUMA.to(device))[:, None, None, None]
+    mean = (v.mean(dim=(2, 3)) @ luma)[:, None, None, None]
     v.mul_(contrast).add_((1 - contrast) * mean).clamp_(0, 1)
     v = _colour(v, _on(device, draw.saturation)).clamp_(0, 1)
     v = _colour(v, _on(device, draw.hue)).clamp_(0, 1)
-    luma = LUMA.to(device)[:, None, None]
-    v = _where(draw.gray, v, lambda u, rows: (u * luma).sum(1, keepdim=True).expand_as(u))
+    v = _where(draw.gray, v, lambda u, rows: (u * luma[:, None, None]).sum(1, keepdim=True).expand_as(u))
     v = _where(draw.blur, v, lambda u, rows: gaussian_blur(u, draw.sigma[rows], radius))
     v = _where(draw.solarize, v, lambda u, rows: torch.where(u >= 0.5, 1 - u, u))
     mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]

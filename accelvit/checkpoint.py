@@ -269,7 +269,7 @@ def check_resumable(run_dir: Path) -> None:
     if not _writable(run_dir):
         raise ConfigError(f"'{run_dir}': not writable")
     folder = run_dir / CHECKPOINTS
-    if folder.exists() and not folder.is_dir() or folder.is_symlink():
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise ConfigError(f"'{folder}' is not a folder of the run: move it away to resume the run")
 
 

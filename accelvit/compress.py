@@ -160,6 +160,7 @@ def _compiled(mode: str):
     # Static shapes: one graph per (backbone, setting, batch size), the setting's fields are guards.
     # The schedule's bucketed settings (schedule.keep_buckets) bound their number; torch's cache
     # (on disk, inductor's FX graph cache) spares a resumed run the compile time.
+    # dynamo falls back to eager after 8 graphs of one function; a curriculum's buckets take more
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     return torch.compile(
         _features, mode=None if mode == "default" else mode, dynamic=False, backend=COMPILE_BACKEND
