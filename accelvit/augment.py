@@ -2,7 +2,7 @@
 
 At high compression a ViT step gets several times cheaper, while lightly's per-image PIL transforms
 cost the same per view and run on the CPU: on small machines they, not the ViT, then set the pace
-(see the README's Performance section). With `data.augment: device` the loader only decodes and
+(docs/performance.md). With `data.augment: device` the loader only decodes and
 resizes images (or only reads JPEG bytes from shards), and this module draws every view of a batch
 at once, on the GPU (or CPU) that trains: random resized crop and horizontal flip (two 1-D
 bilinear passes, the samples of an affine `grid_sample`), colour jitter (brightness, contrast,

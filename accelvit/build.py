@@ -32,6 +32,7 @@ from accelvit.diagnostics import measure_blocks, probe_batch
 from accelvit.distributed import use_cpu
 from accelvit.gradbias import SCHEMA, measure, summarize
 from accelvit.objectives import OBJECTIVES, view_pipeline
+from accelvit.schedule import lr_at
 from accelvit.setting import Setting, strategies_or_default, strategy_rule
 from accelvit.timing import measure_costs, measured_settings, shared_cost_table
 
@@ -143,13 +144,15 @@ def estimate_at(
     step: int,
     progress: float,
     images=None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict:
     """The grad-error report of `model` (the objective module, unwrapped) at `step` of `cfg`'s run.
 
     Batch k is batch `step + k` of the run's data stream (the same views whatever the number of
     processes); process r measures the batches with k % processes == r, token subsets seeded per
     batch, and the sums are added over processes. The global RNG state is left as it was.
-    `images`: the run's training split, if already loaded (else it is loaded here).
+    `images`: the run's training split, if already loaded (else it is loaded here). `optimizer`:
+    the run's, whose second moments precondition the descent criterion (without it, the batches').
     """
     started = time.perf_counter()
     allowed = patch_sizes(cfg.model)
@@ -189,6 +192,10 @@ def estimate_at(
             progress,
             gather=accelerator.gather,
             autocast=accelerator.autocast,
+            # during warm-up, the rate it ends at: a stage chosen there runs mostly at the rates after
+            # it, and the instantaneous one (0 at the start) would leave only the first-order term
+            lr=lr_at(cfg.optim, max(progress, cfg.optim.warmup)),
+            optimizer=optimizer,
         )
     flops = {s: relative_cost(shape, s, cfg.model.patch_size) for s in strategies}
     probe = probe_batch(images, cfg.model.image_size).to(accelerator.device)
@@ -205,6 +212,10 @@ def estimate_at(
         "device": accelerator.device.type,
         "groups": [g.name for g in raw["groups"]],
         "strategies": summarize(raw, flops),
+        "lr": raw["lr"],
+        "curvature": raw["curvature"],
+        "curvature_s": raw["curvature_s"],  # what the descent criterion adds to the estimator
+        "preconditioner_from": raw["preconditioner_from"],
         "wall_s": time.perf_counter() - started,
         "diagnostics": measure_blocks(model.backbone, probe),  # attention of the measured state
     }

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from accelvit.config import ConfigError, describe_defaults, load_config
+from accelvit.config import ConfigError, defaults_markdown, describe_defaults, load_config
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -247,6 +247,9 @@ def _plan(args: argparse.Namespace) -> int:
     base = bases.pop()
     stages = plan(reports, base, args.cost, args.metric)
     print(format_plan(stages))
+    if args.metric == "descent":  # what the criterion adds to the estimator: one gradient per process
+        probe, total = (sum(r.get(k, 0.0) for r in reports) for k in ("curvature_s", "wall_s"))
+        print(f"descent's curvature probe took {probe:.1f} s of the reports' {total:.1f} s")
     for warning in plan_warnings(reports, stages, base):
         print(f"warning: {warning}")
     write_schedule(Path(args.output), schedule_from_plan(stages), [p.name for p in paths])
@@ -289,7 +292,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _defaults(args: argparse.Namespace) -> int:
-    print(describe_defaults(), end="")
+    print(defaults_markdown() if args.markdown else describe_defaults(), end="")
     return 0
 
 
@@ -403,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metric",
         default="model",
-        help="model (CA-MSE of the whole gradient, the default) or groups (each parameter group's in "
-        "units of its own full-input noise, averaged: no group's raw gradient size decides)",
+        help="model (CA-MSE of the whole gradient, the default), groups (each parameter group's in "
+        "units of its own full-input noise, averaged: no group's raw gradient size decides) or descent "
+        "(the full-input loss decrease of one AdamW step on a batch, per unit cost)",
     )
     p.set_defaults(func=_plan)
 
@@ -419,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("defaults", help="print every recipe key with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as Markdown tables (docs/recipe-keys.md)")
     p.set_defaults(func=_defaults)
     return parser
 

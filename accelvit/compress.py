@@ -31,11 +31,24 @@ from timm.models.vision_transformer import VisionTransformer
 from accelvit.arch import Observer, options, precondition_tokens, run_blocks
 from accelvit.setting import Setting, kept_patches
 
+_RESAMPLERS: dict[int, PatchEmbedResamplerFixedOrigSize] = {}
 
-@functools.cache
+
 def _resampler(base: int) -> PatchEmbedResamplerFixedOrigSize:
-    # One per base size; it caches the pseudo-inverse per (new size, device, dtype).
-    return PatchEmbedResamplerFixedOrigSize(orig_size=(base, base))
+    # One per base size; it caches the pseudo-inverse per (new size, device, dtype). A plain dict,
+    # not functools.cache: dynamo traces through the cache into a fresh resampler, and its empty
+    # cache put the pseudo-inverse into every step of a compiled graph.
+    if base not in _RESAMPLERS:
+        _RESAMPLERS[base] = PatchEmbedResamplerFixedOrigSize(orig_size=(base, base))
+    return _RESAMPLERS[base]
+
+
+def _prewarm(vit: VisionTransformer, patch: int) -> None:
+    """The pseudo-inverse of `patch`'s resampling, computed eagerly: a graph about to be compiled
+    then finds it cached and takes it as a constant."""
+    base, kernel = vit.patch_embed.proj.kernel_size[0], patch // vit_stem_stride(vit)
+    if kernel != base:
+        _resampler(base).prewarm([kernel], vit.patch_embed.proj.weight.device)
 
 
 def vit_stem_stride(vit: VisionTransformer) -> int:
@@ -143,6 +156,8 @@ def forward_features(
     compiled inside `compiled_features`."""
     mode = _compile_mode.get()
     if mode is not None:
+        if setting is not None:
+            _prewarm(vit, setting.patch)
         return _compiled(mode)(vit, images, setting)
     return _features(vit, images, setting)
 

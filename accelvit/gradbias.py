@@ -16,7 +16,15 @@ paired differences d_{s,k} = ĝ_{s,k} - g_k it reports, over the whole model and
   (`cost_se`), and `flops`, the analytic ratio;
 - ca_mse = bias_sq + cost * variance: at a fixed compute budget a strategy that is c times cheaper
   takes 1/c times as many steps, dividing its variance (Lin et al., NeurIPS 2024);
-- `bias_sq_se`, `ca_mse_se`: standard errors over batches, by the delete-one jackknife.
+- `bias_sq_se`, `ca_mse_se`: standard errors over batches, by the delete-one jackknife;
+- descent: what one optimizer step on a batch under the strategy does for the full-input loss,
+  d = eta <g, P E ĝ> - (eta^2 L / 2) E||P ĝ||^2 (first-order decrease minus the second-order penalty),
+  with eta the learning rate, P AdamW's diagonal preconditioner 1 / (sqrt(v) + eps) (v: the
+  optimizer's second moment, or the K full-input gradients' where there is no optimizer state yet)
+  and L the curvature of the loss along the full-input update, from a secant of the gradient over
+  one step (`curvature`). Bias lowers the first term, variance raises the second; per unit of cost
+  it is what the `descent` metric of `accelvit plan` and the adaptive schedule ranks (`plan`).
+  `descent_full` is full input's own, `descent_se` the jackknife's.
 
 Every estimate is a function of the Gram matrices of the K gradients, so the per-batch gradients are
 kept on the CPU (K x parameters x (strategies + 1) floats) and gathered across processes; the
@@ -128,6 +136,8 @@ def measure(
     progress: float = 0.0,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    lr: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict:
     """The per-batch gradients of full input and of each strategy over `batches` (this process's share).
 
@@ -139,6 +149,9 @@ def measure(
         strategies: compressed settings to compare with Setting(1, base_patch).
         gather: `tensor -> tensor` concatenating every process's rows (default: identity).
         autocast: mixed-precision context (e.g. `accelerator.autocast`).
+        lr: the step size of the descent criterion; given, the result also holds AdamW's
+            preconditioner (from `optimizer`'s state where it has one) and the curvature along the
+            full-input update, measured on this process's last batch.
     Returns:
         `summarize`'s input: the groups, the full gradients (K, P) and each strategy's (K, P), kept on
         the CPU in float32 (K x P x (strategies + 1) x 4 bytes), and each gradient's seconds (K,) with
@@ -151,6 +164,7 @@ def measure(
     full: list[torch.Tensor] = []
     per_strategy: list[list[torch.Tensor]] = [[] for _ in strategies]
     seconds: list[list[float]] = []  # per batch: full, then each strategy
+    views = None
     try:
         for views in batches:
             restore_buffers()
@@ -165,25 +179,88 @@ def measure(
                 rows.append(gs.cpu())
                 times.append(tick)
             seconds.append(times)
+        device = params[0].device
+        gather = gather or (lambda t: t)
+
+        def gathered(rows: list[torch.Tensor]) -> torch.Tensor:
+            return gather(torch.stack(rows).to(device)).cpu()
+
+        timed = torch.tensor([float(i > 0) for i in range(len(seconds))], dtype=torch.float64)
+        secs = torch.tensor(seconds, dtype=torch.float64)
+        raw = {
+            "groups": groups,
+            "full": gathered(full),
+            "strategies": [(s, gathered(rows)) for s, rows in zip(strategies, per_strategy, strict=True)],
+            "seconds": gather(secs.to(device)).cpu(),
+            "timed": gather(timed.to(device)).cpu(),
+        }
+        if lr is not None and views is not None:
+            precondition, source = preconditioner(params, raw["full"], optimizer)
+            update = precondition * raw["full"].mean(0)
+            restore_buffers()
+            tick = time.perf_counter()
+            with _per_process_losses(model):
+                bend = curvature(model, params, views, full_setting, progress, full[-1], update, lr, autocast)
+            # every process probed its own last batch: their mean
+            probe = torch.tensor([bend, time.perf_counter() - tick], dtype=torch.float64, device=device)
+            bends = gather(probe).view(-1, 2).cpu()
+            raw |= {"lr": lr, "preconditioner": precondition, "preconditioner_from": source}
+            raw |= {"curvature": bends[:, 0].mean().item(), "curvature_s": bends[:, 1].sum().item()}
+        return raw
     finally:
         restore_buffers()
         for p, grad in zip(params, saved_grads, strict=True):
             p.grad = grad
-    device = params[0].device
-    gather = gather or (lambda t: t)
 
-    def gathered(rows: list[torch.Tensor]) -> torch.Tensor:
-        return gather(torch.stack(rows).to(device)).cpu()
 
-    timed = torch.tensor([float(i > 0) for i in range(len(seconds))], dtype=torch.float64)
-    secs = torch.tensor(seconds, dtype=torch.float64)
-    return {
-        "groups": groups,
-        "full": gathered(full),
-        "strategies": [(s, gathered(rows)) for s, rows in zip(strategies, per_strategy, strict=True)],
-        "seconds": gather(secs.to(device)).cpu(),
-        "timed": gather(timed.to(device)).cpu(),
-    }
+ADAM_EPS = 1e-8  # torch's AdamW default, which build_optimizer keeps
+
+
+def preconditioner(
+    params: list[nn.Parameter], full: torch.Tensor, optimizer: torch.optim.Optimizer | None
+) -> tuple[torch.Tensor, str]:
+    """AdamW's diagonal preconditioner 1 / (sqrt(v) + eps) in `params`' flat order, and where v came
+    from: the optimizer's bias-corrected second moment ("optimizer"), or, with no state yet (a
+    fresh model, or a checkpoint read without its optimizer), the mean square of the K full-input
+    gradients `full` (K, P), the quantity AdamW's second moment tracks ("batches")."""
+    state = getattr(optimizer, "state", {}) if optimizer is not None else {}
+    moments = [state.get(p, {}) for p in params]
+    if all("exp_avg_sq" in m for m in moments):
+        beta2 = optimizer.param_groups[0]["betas"][1]
+        v = torch.cat(
+            [m["exp_avg_sq"].reshape(-1).float().cpu() / (1 - beta2 ** float(m["step"])) for m in moments]
+        )
+        return 1 / (v.sqrt() + ADAM_EPS), "optimizer"
+    return 1 / (full.float().square().mean(0).sqrt() + ADAM_EPS), "batches"
+
+
+def curvature(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    views: list[torch.Tensor],
+    setting: Setting,
+    progress: float,
+    g0: torch.Tensor,
+    update: torch.Tensor,
+    lr: float,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> float:
+    """The loss's curvature along `update` u, from a secant over one step of size `lr` on `views`:
+    L = <g(θ) - g(θ - lr u), u> / (lr ||u||^2), with g0 = g(θ) (CPU) already measured on them.
+    Parameters are put back; negative curvature (the loss bending down) reads as 0, no penalty."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, u in zip(params, update.split([p.numel() for p in params]), strict=True):
+            p.sub_(lr * u.view_as(p).to(p))
+    try:
+        g1, _ = gradient(model, params, views, setting, progress, autocast)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+    u = update.double()
+    bend = (g0.double() - g1.cpu().double()) @ u / (lr * u.square().sum())
+    return max(bend.item(), 0.0)
 
 
 # Statistics of K gradients from their Gram matrices (K x K, float64): every estimate below is a
@@ -265,6 +342,36 @@ def _strategy_stats(gs: torch.Tensor, gg: torch.Tensor, gsg: torch.Tensor, cost:
     }
 
 
+def _descent_stats(
+    cross: torch.Tensor, sq: torch.Tensor, lr: float, bend: float
+) -> tuple[float, float | None]:
+    """Descent of one step and its jackknife error, from cross[i, j] = <g_i, P ĝ_j> (i != j pairs:
+    batch noise shared by g and ĝ of one batch does not count as descent) and sq = diag ||P ĝ_k||^2."""
+
+    def descent(cross: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        k = len(cross)
+        first = (cross.sum() - cross.trace()) / (k * (k - 1))
+        return lr * first - lr**2 * bend / 2 * sq.trace() / k
+
+    return descent(cross, sq).item(), _jackknife_se(descent, cross, sq)
+
+
+def _descent_rows(raw: dict) -> list[dict]:
+    """Per strategy: `descent`, `descent_se`, and full input's `descent_full`, `descent_full_se`."""
+    precondition, g = raw["preconditioner"].double(), raw["full"].double()
+    lr, bend = raw["lr"], raw["curvature"]
+
+    def stats(s: torch.Tensor) -> tuple[float, float | None]:
+        ps = s.double() * precondition
+        return _descent_stats(g @ ps.T, torch.diag(ps.square().sum(1)), lr, bend)
+
+    full, full_se = stats(g)
+    return [
+        {"descent": d, "descent_se": se, "descent_full": full, "descent_full_se": full_se}
+        for d, se in (stats(s) for _, s in raw["strategies"])
+    ]
+
+
 def _costs(raw: dict) -> list[tuple[float, float | None]]:
     """Each strategy's measured cost relative to full input, and its standard error over batches."""
     secs, timed = raw["seconds"], raw["timed"].bool()
@@ -305,10 +412,14 @@ def summarize(raw: dict, flops: dict[Setting, float] | None = None) -> list[dict
         row.update(per_group.pop("total"))
         row["groups"] = per_group
         rows.append(row)
+    if "curvature" in raw:
+        for row, descent in zip(rows, _descent_rows(raw), strict=True):
+            row.update(descent)
     return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Running the estimator on a recipe or a run's checkpoint
 
-SCHEMA = "accelvit.grad-error/2"  # 2: bias-corrected relative_bias and cosine, standard errors
+# 2: bias-corrected relative_bias and cosine, standard errors (descent, lr and curvature: optional)
+SCHEMA = "accelvit.grad-error/2"

@@ -27,18 +27,21 @@ class Meter:
         self.start = time.perf_counter()
         partial = partial or {}
         self.loss_sum: torch.Tensor | float = partial.get("loss_sum", 0.0)
-        self.steps = partial.get("steps", 0)
+        self.steps: torch.Tensor | int = partial.get("steps", 0)  # not skipped
         self.images = partial.get("images", 0)
         self.data_s = 0.0
 
     def partial(self, accelerator: Accelerator) -> dict:
         """What a checkpoint keeps of the log line in progress (every process must call it)."""
         loss = accelerator.reduce(torch.as_tensor(self.loss_sum, dtype=torch.float32), "mean").item()
-        return {"loss_sum": loss, "steps": self.steps, "images": self.images}
+        return {"loss_sum": loss, "steps": int(self.steps), "images": self.images}
 
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.loss_sum = self.loss_sum + loss.float()
-        self.steps += 1
+    def add(self, loss: torch.Tensor, images: int, ok: torch.Tensor | None = None) -> None:
+        """Count a step's loss unless `ok` (a device flag, read at the log step) says it was skipped."""
+        if ok is None:
+            ok = torch.ones((), dtype=torch.bool, device=loss.device)
+        self.loss_sum = self.loss_sum + torch.where(ok, loss.float(), 0.0)
+        self.steps = self.steps + ok.long()
         self.images += images
 
     def rates(self) -> dict[str, float]:
@@ -63,7 +66,9 @@ def log_record(
     """One line of metrics.jsonl; the loss is the mean over processes and over the steps since the
     last line that were not skipped (null if all were); the collapse monitors are the last step's,
     averaged over processes. Every process must call it (it reduces across them)."""
-    loss = accelerator.reduce(meter.loss_sum, "mean").item() / meter.steps if meter.steps else None
+    steps = int(meter.steps)
+    loss_sum = torch.as_tensor(meter.loss_sum, device=accelerator.device)
+    loss = accelerator.reduce(loss_sum, "mean").item() / steps if steps else None
     extra = {"estimator_spent": state.estimator_spent, "skipped": state.skipped, "bad_files": state.bad_files}
     return {
         "step": state.step,

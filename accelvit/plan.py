@@ -10,10 +10,16 @@ online (`schedule.mode: adaptive`: the run measures and decides at each stage).
 
 Two metrics. `model` (the reference's): CA-MSE of the whole gradient vector. It weighs each parameter
 by the size of its raw gradient, so the group with the largest gradients decides: with a conv stem the
-patch embedding held 96% of the whole-model CA-MSE of `1:8` (MoCo-v3, README: Which CA-MSE),
+patch embedding held 96% of the whole-model CA-MSE of `1:8` (MoCo-v3, docs/schedules.md: Which CA-MSE),
 while AdamW scales every coordinate's step by its own gradient size. `groups`: each parameter group's
 CA-MSE in units of its own full-input batch noise (full input scores 1 in every group), averaged
 over the groups, so every block counts alike, closer to what an adaptive optimizer sees.
+
+A third metric, `descent`, ranks what a step does for training rather than how far its gradient is
+from the full-input one: the expected decrease of the full-input loss by one AdamW step on a batch
+under the strategy (first order minus the second-order penalty of its noise, `gradbias`), per unit
+of cost. CA-MSE counts bias as pure error and credits the extra steps a cheap setting buys only
+through its variance; descent per unit cost credits both where they act, on the loss.
 
 A CA-MSE measured on K batches has a standard error (the report's jackknife `ca_mse_se`). Candidates
 whose CA-MSE is within one combined standard error of the lowest are tied, and the tie rule keeps the
@@ -36,16 +42,17 @@ from accelvit.config import ConfigError
 from accelvit.setting import Setting, setting_of
 
 NOISE_Z = 1.0  # candidates within this many combined standard errors of the lowest CA-MSE are tied
-METRICS = ("model", "groups")
+METRICS = ("model", "groups", "descent")
 
 
 @dataclass(frozen=True)
 class Choice:
     setting: Setting
-    ca_mse: float
+    ca_mse: float  # the metric's value, lower is better: CA-MSE, or minus descent per unit cost
     runner_up: Setting | None
     runner_up_ca_mse: float | None
     tied: tuple[Setting, ...] = field(default=())  # candidates within noise of the lowest CA-MSE
+    metric: str = "model"
 
     @property
     def within_noise(self) -> bool:
@@ -54,18 +61,21 @@ class Choice:
 
     @property
     def margin(self) -> float | None:
-        """How much worse the runner-up is, relative to the chosen strategy (0.1: 10% higher CA-MSE)."""
-        if self.runner_up_ca_mse is None or self.ca_mse <= 0:
+        """How much worse the runner-up is, relative to the chosen strategy (0.1: 10% higher CA-MSE,
+        or 10% less descent per unit cost)."""
+        if self.runner_up_ca_mse is None or self.ca_mse == 0:
             return None
-        return self.runner_up_ca_mse / self.ca_mse - 1
+        return (self.runner_up_ca_mse - self.ca_mse) / abs(self.ca_mse)
 
     def to_dict(self) -> dict:
+        key, sign = ("descent_per_cost", -1) if self.metric == "descent" else ("ca_mse", 1)
         return {
             **asdict(self.setting),
-            "ca_mse": self.ca_mse,
+            "metric": self.metric,
+            key: sign * self.ca_mse,
             "runner_up": None
             if self.runner_up is None
-            else {**asdict(self.runner_up), "ca_mse": self.runner_up_ca_mse},
+            else {**asdict(self.runner_up), key: sign * self.runner_up_ca_mse},
             "margin": self.margin,
             "tied": [s.label for s in self.tied],
         }
@@ -77,8 +87,11 @@ def ca_mse_table(
     """Setting -> CA-MSE for each strategy of `report` and for full input, in `metric` (see above).
 
     `cost(setting)` gives the relative cost c; by default the report's own `ca_mse` (measured cost).
+    `descent`: minus the descent per unit cost, so that lower is better here too.
     """
     full = Setting(1.0, base_patch)
+    if metric == "descent":
+        return {s: -d for s, d in _descent_per_cost(report, base_patch, cost, "descent").items()}
     if metric == "groups":
         tables = [ca_mse_table(sub, base_patch, cost) for sub in _group_reports(report).values()]
         return {s: sum(t[s] / t[full] for t in tables) / len(tables) for s in tables[0]}
@@ -105,6 +118,8 @@ def ca_mse_errors(
     upper bound), taking the full-input noise that sets a group's unit as exact.
     """
     full = Setting(1.0, base_patch)
+    if metric == "descent":
+        return _descent_per_cost(report, base_patch, cost, "descent_se")
     if metric == "groups":
         subs = list(_group_reports(report).values())
         units = [ca_mse_table(sub, base_patch, cost)[full] for sub in subs]
@@ -132,6 +147,26 @@ def ca_mse_errors(
     return errors
 
 
+def _descent_per_cost(
+    report: dict, base_patch: int, cost: Callable[[Setting], float] | None, key: str
+) -> dict[Setting, float | None]:
+    """Setting -> the report's `key` (descent, or its standard error) over the relative cost; full
+    input costs 1."""
+    rows = report["strategies"]
+    if not rows or any("descent" not in r for r in rows):
+        raise ConfigError(
+            f"grad-error report of step {report.get('step')} has no descent (measured by an earlier "
+            "accelvit): measure it again, or plan with --metric model"
+        )
+    full_key = key.replace("descent", "descent_full")
+    table = {Setting(1.0, base_patch): rows[0][full_key]}
+    for row in rows:
+        setting = setting_of(row)
+        c = row["cost"] if cost is None else cost(setting)
+        table[setting] = None if row[key] is None else row[key] / c
+    return table
+
+
 def _group_reports(report: dict) -> dict[str, dict]:
     """Parameter group -> the report as if that group were the whole model."""
     rows = report["strategies"]
@@ -150,6 +185,7 @@ def choose(
     allowed: Callable[[Setting], bool] = lambda s: True,
     errors: dict[Setting, float | None] | None = None,
     previous: Setting | None = None,
+    metric: str = "model",
 ) -> Choice:
     """The allowed strategy with the lowest CA-MSE and the runner-up; with standard errors, the tie
     rule among the candidates within noise of the lowest: `previous` if tied, else the lowest."""
@@ -175,6 +211,7 @@ def choose(
         others[0][-1] if others else None,
         others[0][0] if others else None,
         tied if len(tied) > 1 else (),
+        metric,
     )
 
 
@@ -196,7 +233,7 @@ def choose_stage(
     table = ca_mse_table(report, base_patch, relative, metric)
     errors = ca_mse_errors(report, base_patch, relative, metric)
     floor = cost(previous) if previous is not None and monotone else 0.0
-    return choose(table, lambda s: cost(s) >= floor - 1e-12, errors, previous)
+    return choose(table, lambda s: cost(s) >= floor - 1e-12, errors, previous, metric)
 
 
 def plan(
@@ -205,8 +242,8 @@ def plan(
     """One choice per report, ordered by the progress it was taken at (each one starts a stage).
 
     `cost`: flops (the reports' analytic ratios, the default: the same on any machine and load) or
-    measured (the step times of the machine and moment each report was taken on). `metric`: model or
-    groups (module docstring).
+    measured (the step times of the machine and moment each report was taken on). `metric`: model,
+    groups or descent (module docstring).
     """
     if cost not in ("measured", "flops"):
         raise ConfigError(f"--cost {cost!r}: expected measured or flops")
@@ -221,6 +258,7 @@ def plan(
             ca_mse_table(report, base_patch, by_flops, metric),
             errors=ca_mse_errors(report, base_patch, by_flops, metric),
             previous=previous,
+            metric=metric,
         )
         stages.append((report["progress"], choice))
     progress = [p for p, _ in stages]
@@ -287,15 +325,16 @@ def write_schedule(path: Path, schedule: dict, sources: list[str]) -> None:
 
 
 def format_plan(stages: list[tuple[float, Choice]]) -> str:
-    lines = [
-        f"{'from':>6}  {'choice':>10}  {'CA-MSE':>10}  {'runner-up':>10}  {'CA-MSE':>10}  {'margin':>7}  tied"
-    ]
+    descent = bool(stages) and stages[0][1].metric == "descent"
+    name, sign = ("descent/c", -1) if descent else ("CA-MSE", 1)
+    lines = [f"{'from':>6}  {'choice':>10}  {name:>10}  {'runner-up':>10}  {name:>10}  {'margin':>7}  tied"]
     for progress, c in stages:
         up = c.runner_up.label if c.runner_up else "-"
-        up_value = f"{c.runner_up_ca_mse:10.3e}" if c.runner_up_ca_mse is not None else f"{'-':>10}"
+        up_value = f"{sign * c.runner_up_ca_mse:10.3e}" if c.runner_up_ca_mse is not None else f"{'-':>10}"
         margin = f"{c.margin:7.1%}" if c.margin is not None else f"{'-':>7}"
+        value = f"{sign * c.ca_mse:10.3e}"
         lines.append(
-            f"{progress:6.2f}  {c.setting.label:>10}  {c.ca_mse:10.3e}  {up:>10}  {up_value}  {margin}  "
+            f"{progress:6.2f}  {c.setting.label:>10}  {value}  {up:>10}  {up_value}  {margin}  "
             + (", ".join(s.label for s in c.tied) if c.within_noise else "-")
         )
     return "\n".join(lines)

@@ -50,6 +50,7 @@ from accelvit.distributed import (
 from accelvit.evaluate import evaluate_backbone
 from accelvit.metrics import Meter, advance, append_jsonl, log_record, progress_bar, show
 from accelvit.monitor import collapse_warning
+from accelvit.nonfinite import Guard, optimizer_step
 from accelvit.objectives import buffer_restorer, encoder_name
 from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
@@ -82,7 +83,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    # fused: one kernel for all parameters, and it can skip a step on the device (`found_inf`)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
 
 
 def train_step(
@@ -94,10 +96,12 @@ def train_step(
     progress: float,
     clip_grad: float | None,
     precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Forward, backward, and, when loss and gradients are finite on every process, the optimizer step
-    and momentum update. Returns (loss, gradient norm, finite); a step that is not finite leaves
-    weights and buffers as they were."""
+    guard: Guard,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, backward, and, when loss and gradients are finite on every process (and `guard` has
+    not halted the run), the optimizer step and momentum update; otherwise weights, optimizer state
+    and buffers stay as they were. Decided on the device: nothing here waits for the host.
+    Returns (loss, gradient norm, ok), all on the device."""
     restore_buffers = buffer_restorer(model)
     loss = model(views, setting, progress)
     accelerator.backward(loss)
@@ -105,14 +109,14 @@ def train_step(
     accelerator.unwrap_model(model).cancel_gradients(progress)  # after clipping, as DINO's reference
     # fp16: gradient overflow is the loss scaler's business (it skips the step itself)
     finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16"))
-    finite = not any_process(accelerator, not bool(finite))
-    if finite:
-        optimizer.step()
-        accelerator.unwrap_model(model).update_momentum(progress)
-    else:
-        restore_buffers()  # the forward put NaN into batch-norm statistics (DINO: its centre)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce((~finite).float(), "max") == 0
+    ok = guard.admit(finite)
+    optimizer_step(optimizer, ok)
+    accelerator.unwrap_model(model).update_momentum(progress, ok)
+    restore_buffers(unless=ok)  # a skipped forward put NaN into batch-norm statistics (DINO: its centre)
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, finite
+    return loss, grad_norm, ok
 
 
 class StopRequest:
@@ -194,6 +198,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
     cost = build_cost(cfg, accelerator, model, images, run_dir, candidates)
 
     bar, meter = progress_bar(train, state, main), Meter(state.partial_log)
+    guard = Guard(accelerator.device, train.on_nonfinite, train.max_skipped, state.skipped_in_row)
     warned = False  # a collapse warning is printed once a run
     try:
         while not finished(train, state.step, state.budget_spent):
@@ -216,7 +221,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
             for point in due_points(train.grad_error_at, progress, state.grad_error_done):
                 report = estimate_at(
                     objective, cfg, accelerator, grad_error_strategies, train.grad_error_batches, state.step,
-                    progress, images,
+                    progress, images, optimizer,
                 )  # fmt: skip
                 state.grad_error_done.append(point)
                 if main:
@@ -228,8 +233,9 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
                 done = [d["stage"] for d in state.decisions]
                 for stage in due_points(cfg.schedule.stages, progress, done):
                     decision = _decide(
-                        cfg, accelerator, objective, images, candidates, cost, state, stage, progress
-                    )
+                        cfg, accelerator, objective, optimizer, images, candidates, cost, state, stage,
+                        progress,
+                    )  # fmt: skip
                     if main:
                         write_decisions(run_dir, state.decisions)
                         bar.write(_decision_message(decision))
@@ -247,24 +253,28 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
             optimizer.param_groups[0]["weight_decay"] = weight_decay_at(cfg.optim, progress)
 
             # Forward, backward, step, momentum; a non-finite loss or gradient skips the step or stops
+            before = (state.step, state.images_seen, state.budget_spent)
             with compiled_features(train.compile):
-                loss, grad_norm, finite = train_step(
-                    accelerator,
-                    model,
-                    optimizer,
-                    views,
-                    setting,
-                    progress,
-                    cfg.optim.clip_grad,
-                    train.precision,
-                )
-            if not finite and (train.on_nonfinite == "stop" or state.skipped_in_row + 1 >= train.max_skipped):
-                # stopping checkpoints the state before this step: the counters move only after it
+                loss, grad_norm, ok = train_step(
+                    accelerator, model, optimizer, views, setting, progress, cfg.optim.clip_grad,
+                    train.precision, guard,
+                )  # fmt: skip
+            _count_step(state, global_batch, step_units)
+            meter.add(loss.detach(), global_batch, ok)
+            guard.record(loss, grad_norm, before, _stop_flag(accelerator, stop))
+            done = finished(train, state.step, state.budget_spent)
+            # a signal: several processes learn of one from the flags, so all stop at the same step
+            stopping = guard.stop_requested if accelerator.num_processes > 1 else stop.requested
+            # the host reads a step's flags while the device runs the next one; all of them before
+            # anything that logs, evaluates or saves
+            periodic = (train.log_every, train.eval_every, train.checkpoint_every)
+            boundary = done or stopping or any(due(state.step, n) for n in periodic)
+            halted = guard.settle(state, keep=0 if boundary else 1)
+            if halted:  # stopping checkpoints the state before that step
                 state.partial_log = meter.partial(accelerator)
-                _stop_nonfinite(accelerator, objective, run_dir, state, train, identity, loss, grad_norm)
-            _count_step(state, finite, global_batch, step_units)
-            if finite:
-                meter.add(loss.detach(), global_batch)
+                _stop_nonfinite(
+                    accelerator, objective, run_dir, state, train, identity, halted.loss, halted.grad_norm
+                )
             advance(bar, train, state)
 
             # Log (and warn once if the collapse monitors read collapsed)
@@ -293,9 +303,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
                     bar.write(f"step {state.step}: kNN top-1 {result['knn_top1']:.4f}")
                 accelerator.wait_for_everyone()
 
-            # Checkpoint (and stop, on a signal from any process)
-            stopping = any_process(accelerator, stop.requested)
-            done = finished(train, state.step, state.budget_spent)
+            # Checkpoint (and stop, on a signal)
             if due(state.step, train.checkpoint_every) or done or stopping:
                 state.partial_log = meter.partial(accelerator)
                 path = save(
@@ -315,18 +323,29 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
     return RunResult(run_dir, state.step, stopped=False)
 
 
-def _count_step(state: TrainState, finite: bool, images: int, units: float) -> None:
-    state.skipped_in_row = 0 if finite else state.skipped_in_row + 1
-    state.skipped += not finite
+def _count_step(state: TrainState, images: int, units: float) -> None:
+    """What a step counts whether or not it was skipped (`Guard.settle` counts the skips)."""
     state.step += 1
     state.images_seen += images
     state.budget_spent += units
 
 
+def _stop_flag(accelerator: Accelerator, stop: StopRequest) -> torch.Tensor:
+    """Whether any process was asked to stop, as a device flag (filled, not copied: no host wait)."""
+    flag = torch.full((), float(stop.requested), device=accelerator.device)
+    return accelerator.reduce(flag, "max") if accelerator.num_processes > 1 else flag
+
+
+def _decision_value(decision: dict) -> str:
+    if "descent_per_cost" in decision:
+        return f"descent per unit cost {decision['descent_per_cost']:.3e}"
+    return f"CA-MSE {decision['ca_mse']:.3e}"
+
+
 def _decision_message(decision: dict) -> str:
     return (
         f"stage {decision['stage']:g} (step {decision['step']}): {setting_of(decision).label} "
-        f"(keep:patch[:merge], CA-MSE {decision['ca_mse']:.3e})"
+        f"(keep:patch[:merge], {_decision_value(decision)})"
     )
 
 
@@ -400,16 +419,20 @@ def _check_bad_files(bad: list[str], policy: str, state: TrainState, main: bool)
 
 
 def _decide(
-    cfg, accelerator, objective, images, candidates, cost, state: TrainState, stage: float, progress: float
-) -> dict:
-    """Measure CA-MSE of the candidates on the current model and record the best as the next stage."""
+    cfg, accelerator, objective, optimizer, images, candidates, cost, state: TrainState, stage: float,
+    progress: float,
+) -> dict:  # fmt: skip
+    """Measure the candidates on the current model (`schedule.adaptive_metric`) and record the best
+    as the next stage."""
     base = cfg.model.patch_size
     k, batch = cfg.schedule.adaptive_batches, cfg.train.batch_size
-    report = estimate_at(objective, cfg, accelerator, candidates, k, state.step, progress, images)
+    report = estimate_at(objective, cfg, accelerator, candidates, k, state.step, progress, images, optimizer)
     previous = setting_of(state.decisions[-1]) if state.decisions else None
     choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone, cfg.schedule.adaptive_metric)
-    # the estimator ran K batches of `batch` images at full input and at every candidate
+    # the estimator ran K batches of `batch` images at full input and at every candidate, and each
+    # process one more at full input for the curvature of the descent criterion
     units = k * batch * sum(cost(s) for s in [Setting(1.0, base), *candidates])
+    units += accelerator.num_processes * batch * cost(Setting(1.0, base))
     state.budget_spent += units
     state.estimator_spent += units
     decision = {

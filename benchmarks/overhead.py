@@ -59,6 +59,7 @@ def build_steps(args: argparse.Namespace) -> dict:
 
     from accelvit.build import build_model
     from accelvit.config import Config
+    from accelvit.nonfinite import Guard
     from accelvit.setting import Setting
     from accelvit.train import build_optimizer, train_step
 
@@ -86,9 +87,11 @@ def build_steps(args: argparse.Namespace) -> dict:
     plain_optimizer = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=1e-3)
 
     x0, x1 = (torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev) for _ in range(2))
-    setting = Setting(1.0, args.patch)
+    setting, guard = Setting(1.0, args.patch), Guard(dev, "skip", 10**9)
     return {
-        "accelvit": lambda: train_step(accelerator, model, optimizer, [x0, x1], setting, 0.5, None, "no"),
+        "accelvit": lambda: train_step(
+            accelerator, model, optimizer, [x0, x1], setting, 0.5, None, "no", guard
+        ),
         "lightly": lambda: plain_lightly_step(vit, head, criterion, plain_optimizer, x0, x1),
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from accelvit.checkpoint import (
@@ -149,24 +150,37 @@ def other_objectives(earlier: dict, key: str, names: list[str]) -> list | dict:
 
 
 def scored_run(
-    recipe: Path, overrides: list[str], run_dir: Path, cache: dict, fields: dict, train: bool = True
+    recipe: Path,
+    overrides: list[str],
+    run_dir: Path,
+    cache: dict,
+    fields: dict,
+    train: bool = True,
+    splits: list[str] | None = None,
 ) -> dict | None:
     """Train `run_dir` to its end and score its final checkpoint (kNN and a linear probe) into a row
     that starts with `fields`, or take the row from `cache` ((recipe digest, step) -> row) when the
-    same run was scored before. `train=False`: None for a run that is not finished."""
+    same run was scored before on the same splits. `train=False`: None for a run that is not
+    finished. `splits`: evaluation overrides (e.g. FULL_SPLITS); the row then has standard errors."""
     from accelvit.evaluate import evaluate_run
 
     if not train_run(recipe, overrides, run_dir, train):
         return None
     step, identity = final_step(run_dir), recipe_digest(run_dir)
-    if (identity, step) in cache:  # the same measurement, labelled by this call (families can train alike)
-        return {**cache[(identity, step)], **fields}
-    result = evaluate_run(run_dir, linear=True)
+    cached = cache.get((identity, step))
+    if cached is not None and cached.get("splits") == splits:  # families can train alike
+        return {**cached, **fields}
+    result = evaluate_run(run_dir, linear=True, overrides=splits or ())
+    n = result["test_size"]
     return {
         **fields,
         "step": step,
         "minutes": round(training_minutes(run_dir), 3),
         "knn_top1": result["knn_top1"],
         "linear_top1": result["linear_top1"],
+        "knn_se": math.sqrt(result["knn_top1"] * (1 - result["knn_top1"]) / n),
+        "linear_se": math.sqrt(result["linear_top1"] * (1 - result["linear_top1"]) / n),
+        "test_size": n,
+        "splits": splits,
         "run_recipe": identity,
     }

@@ -17,7 +17,12 @@ For each objective (SimCLR first), at `--fraction` of the baseline recipe's budg
   the whole budget, so that each stage is chosen on a model trained as far as the planned run will be
   there (the short run's models are 4x less trained; its plans flipped with the seed);
 - adaptive: `schedule.mode: adaptive`, the same candidates measured by the run itself;
-- adaptive-groups: the same with `schedule.adaptive_metric: groups`.
+- adaptive-groups: the same with `schedule.adaptive_metric: groups`;
+- descent-plan, descent-adaptive: the descent criterion (expected loss decrease of an AdamW step per
+  unit cost, `accelvit plan --metric descent`), planned from the whole-budget run's reports and
+  measured by the run itself.
+Every run is scored on the full splits (kNN over the 60,000 training images tested on the 10,000
+test images, and a linear probe), each figure with its standard error.
 Every run is scored by kNN top-1 and a linear probe; the table gives training minutes, steps and what
 the estimator cost (plan: the short run and its reports; adaptive: the budget its stages took).
 
@@ -46,8 +51,9 @@ from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E40
 
 FAMILIES = (
     "uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "plan-trained",
-    "plan-trained-groups", "adaptive", "adaptive-groups",
+    "plan-trained-groups", "adaptive", "adaptive-groups", "descent-plan", "descent-adaptive",
 )  # fmt: skip
+FULL_SPLITS = ["eval.train_limit=null", "eval.test_limit=null"]
 STAGES = (0.0, 0.25, 0.5, 0.75)
 
 
@@ -185,6 +191,7 @@ def family_overrides(
     mean = curriculum_mean_cost(accel, budgeted)
     cost = step_cost_fn(accel, budgeted)
     metric = "groups" if family.endswith("-groups") else "model"  # plan's and adaptive's
+    metric = "descent" if family.startswith("descent") else metric
     if family == "uncompressed":
         return baseline, budgeted, {"estimator_minutes": 0.0}
     if family == "curriculum":
@@ -198,12 +205,12 @@ def family_overrides(
         patch = f"{{shape: random, choices: [{base}, {2 * base}], weights: {weights}}}"
         settings = ["schedule.keep=1.0", f"schedule.patch={patch}", "schedule.merge=0"]
         return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
-    if family.startswith("plan"):
-        trained = family.startswith("plan-trained")
+    if family.startswith("plan") or family == "descent-plan":
+        trained = family.startswith(("plan-trained", "descent"))
         path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed, metric, trained)
         settings = ["schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"]
         return accel, [*budgeted, *settings], {"estimator_minutes": round(minutes, 3), "plan": stages}
-    if family in ("adaptive", "adaptive-groups"):
+    if family in ("adaptive", "adaptive-groups", "descent-adaptive"):
         settings = [
             "schedule.mode=adaptive",
             f"schedule.stages={list(STAGES)}",
@@ -245,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
             if twin is not None:  # the same schedule at the same budget and seed trains the same run
                 row = {**twin, **fields, "same_run_as": twin["family"]}
             else:
-                row = scored_run(recipe, overrides, run_dir, cache, fields)
+                splits = [] if size == "smoke" else FULL_SPLITS  # smoke: its synthetic splits
+                row = scored_run(recipe, overrides, run_dir, cache, fields, splits=splits)
                 last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
                 row["estimator_units"] = last.get("estimator_spent", 0.0)
             rows.append(row)

@@ -271,6 +271,12 @@ def test_schedule_families_smoke(tmp_path):
     assert load_config(runs / "simclr-plan-trained-source" / "recipe.yaml").train.budget == budget
     trained = sorted((runs / "simclr-plan-trained-source/grad_error").glob("step_*.json"))
     assert [json.loads(p.read_text())["batches"] for p in trained] == [16] * len(schedule_families.STAGES)
+    # the descent criterion: planned from those reports, and chosen by the adaptive run itself
+    assert all("descent" in r for p in trained for r in json.loads(p.read_text())["strategies"])
+    assert len(rows["descent-plan"]["plan"].split(", ")) == len(schedule_families.STAGES)
+    decisions = (runs / "simclr-descent-adaptive-0.5" / "schedule_decisions.jsonl").read_text().splitlines()
+    assert {json.loads(d)["metric"] for d in decisions} == {"descent"}
+    assert all(r["test_size"] > 0 and r["knn_se"] > 0 for r in rows.values())
     # a second seed joins the first's rows in the same JSON, in run directories of its own
     again = written(out, schedule_families.main([*argv, "--seed", "1", "--families", "uncompressed,plan"]))
     assert again["rows"][: len(result["rows"])] == result["rows"]

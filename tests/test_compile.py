@@ -61,3 +61,31 @@ def test_bucketed_keep_ratios_are_few_and_never_below_the_schedule(tiny_recipe):
     exact_keeps, bucketed_keeps = ([r.setting.keep for r in rs] for rs in rows)
     assert len(set(exact_keeps)) > 1000 and len(set(bucketed_keeps)) == 13  # 4/16 .. 16/16
     assert all(b >= e - 1e-12 and b - e < 1 / 16 for b, e in zip(bucketed_keeps, exact_keeps, strict=True))
+
+
+def test_a_patch_scaled_graph_resamples_the_kernel_without_recomputing_its_pseudo_inverse(monkeypatch):
+    """The pseudo-inverse depends on the sizes alone: computed once, eagerly, not in every step's graph."""
+    from accelvit.backbone import build_backbone
+    from accelvit.config import ModelConfig
+    from accelvit.setting import Setting
+
+    ops: list[str] = []
+
+    def recording(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    monkeypatch.setattr(compress, "COMPILE_BACKEND", recording)
+    compress._compiled.cache_clear()
+    monkeypatch.setattr(compress, "_RESAMPLERS", {})
+    torch._dynamo.reset()
+    vit = build_backbone(ModelConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2))
+    images = torch.randn(2, 3, 16, 16)
+    want = compress.forward_features(vit, images, Setting(1.0, 8))
+    with compress.compiled_features("default"):
+        got = compress.forward_features(vit, images, Setting(1.0, 8))
+    compress._compiled.cache_clear()
+    torch._dynamo.reset()
+    assert any("conv2d" in op for op in ops)  # the graph was recorded
+    assert not [op for op in ops if "pinv" in op or "svd" in op or "lstsq" in op]
+    torch.testing.assert_close(got, want)

@@ -337,3 +337,94 @@ def test_jackknife_standard_error_matches_the_spread_over_repetitions():
     assert sum(r["ca_mse_se"] for r in rows) / len(rows) == pytest.approx(spread, rel=0.25)
     (two,) = summarize(synthetic(k=2, bias=0.3, noise=1.0, seed=0))
     assert two["bias_sq_se"] is None and two["ca_mse_se"] is None  # K = 2 has no spread to measure
+
+
+# ---------------------------------------------------------------------------------------------
+# The descent criterion: expected loss decrease of one preconditioned step, per unit cost
+
+
+def with_descent(raw: dict, precondition: torch.Tensor, lr: float, bend: float) -> dict:
+    return raw | {"preconditioner": precondition, "lr": lr, "curvature": bend}
+
+
+def test_descent_equals_its_pairwise_definition():
+    raw = synthetic(k=5, bias=0.3, noise=1.0, seed=0)
+    precondition = torch.linspace(0.5, 2.0, 400)
+    (row,) = summarize(with_descent(raw, precondition, lr=0.1, bend=3.0))
+    g, s = raw["full"].double(), raw["strategies"][0][1].double()
+    p = precondition.double()
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
+
+    def descent(x):
+        first = sum(g[i] @ (p * x[j]) for i, j in pairs).item() / 20
+        return 0.1 * first - 0.1**2 * 3.0 / 2 * sum((p * x[k]).square().sum() for k in range(5)).item() / 5
+
+    assert row["descent"] == pytest.approx(descent(s))
+    assert row["descent_full"] == pytest.approx(descent(g))
+    assert row["descent_se"] > 0 and row["descent_full_se"] > 0
+
+
+def test_descent_charges_bias_and_noise_where_ca_mse_charges_cost():
+    # same mean gradient: more noise costs descent through the second-order term
+    quiet, noisy = (summarize(with_descent(synthetic(100, 0.0, n, 0, extra=1.0), torch.ones(400), 0.5, 2.0))[0]
+                    for n in (0.5, 2.0))  # fmt: skip
+    assert noisy["descent"] < quiet["descent"]
+    # a bias against the mean gradient costs first-order descent
+    raw = synthetic(100, 0.0, 0.5, 0, extra=0.0)
+    mu = raw["full"].mean(0)
+    against = raw | {"strategies": [(Setting(0.5, 4), raw["full"] - 0.5 * mu)]}
+    (row,) = summarize(with_descent(against, torch.ones(400), 0.1, 0.0))  # no curvature: first order only
+    assert row["descent"] == pytest.approx(0.5 * row["descent_full"], rel=0.05)
+
+
+class Quadratic(torch.nn.Module):
+    """loss = a / 2 ||w - x||^2 for a batch x: gradient a (w - x), curvature a along every direction."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a, self.w = a, torch.nn.Parameter(torch.zeros(6))
+
+    def forward(self, views, setting, progress):
+        return self.a / 2 * (self.w - views[0].mean(0)).square().sum()
+
+
+def test_curvature_is_the_secant_along_the_update_and_leaves_the_weights():
+    from accelvit.gradbias import curvature, gradient
+
+    model = Quadratic(3.0)
+    views = [torch.randn(4, 6)]
+    g0, _ = gradient(model, [model.w], views, Setting(1.0, 4), 0.0)
+    update = torch.randn(6)
+    assert curvature(model, [model.w], views, Setting(1.0, 4), 0.0, g0, update, 0.01) == pytest.approx(3.0)
+    assert torch.equal(model.w.detach(), torch.zeros(6))
+    negative = Quadratic(-1.0)  # the loss bends down: no second-order penalty, rather than a reward
+    g0, _ = gradient(negative, [negative.w], views, Setting(1.0, 4), 0.0)
+    assert curvature(negative, [negative.w], views, Setting(1.0, 4), 0.0, g0, update, 0.01) == 0.0
+
+
+def test_preconditioner_is_adamws_from_its_state_or_from_the_batches():
+    from accelvit.gradbias import ADAM_EPS, preconditioner
+
+    w = torch.nn.Parameter(torch.ones(3))
+    full = torch.tensor([[1.0, 2.0, 0.0], [3.0, 2.0, 0.0]])
+    p, source = preconditioner([w], full, None)
+    assert source == "batches"
+    torch.testing.assert_close(p, 1 / (torch.tensor([5.0, 4.0, 0.0]).sqrt() + ADAM_EPS))
+    optimizer = torch.optim.AdamW([w], betas=(0.9, 0.99))
+    for g in full:
+        w.grad = g.clone()
+        optimizer.step()
+    p, source = preconditioner([w], full, optimizer)
+    v = (0.01 * 0.99 * full[0] ** 2 + 0.01 * full[1] ** 2) / (1 - 0.99**2)  # bias-corrected
+    assert source == "optimizer"
+    torch.testing.assert_close(p, 1 / (v.sqrt() + ADAM_EPS))
+
+
+def test_a_measured_report_has_descent_lr_and_curvature(tiny_config):
+    from accelvit.build import estimate
+
+    report = estimate(tiny_config, [Setting(0.5, 4)], num_batches=3)
+    (row,) = report["strategies"]
+    assert report["lr"] > 0 and report["curvature"] >= 0 and report["curvature_s"] > 0
+    assert report["preconditioner_from"] == "batches"
+    assert all(isinstance(row[k], float) for k in ("descent", "descent_se", "descent_full", "descent_full_se"))

@@ -1,5 +1,5 @@
 """The package's layering: every import points down, nothing imports in a circle, and validating a
-recipe needs no model library. The floors are the architecture (README, "Module map")."""
+recipe needs no model library. The floors are the architecture (docs/development.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ FLOORS = {
     "accelvit.monitor": 0,
     "accelvit.augment": 0,
     "accelvit.objectives.momentum": 0,
+    "accelvit.nonfinite": 0,
     "accelvit.config": 1,
     "accelvit.schedule": 2,
     "accelvit.images": 2,

@@ -204,7 +204,45 @@ def test_the_groups_metric_weighs_every_parameter_group_alike():
             row["groups"][g] |= {"ca_mse_se": ca_se, "variance_full_se": full_se}
     errors = ca_mse_errors(report, 4, metric="groups")
     assert errors == pytest.approx({Setting(1.0, 4): (0.1 + 0.2) / 2, Setting(1.0, 8): 0.06, Setting(0.5, 4): 0.06})
-    with pytest.raises(ConfigError, match="--metric 'raw': expected one of model, groups"):
+    with pytest.raises(ConfigError, match="--metric .raw.: expected one of model, groups, descent"):
         plan([report], 4, "flops", "raw")
     with pytest.raises(ConfigError, match="has no per-group statistics"):
         ca_mse_table({**report, "groups": []}, 4, flops, "groups")
+
+
+def with_descent(report: dict, full: tuple[float, float], rows: list[tuple[float, float]]) -> dict:
+    """`report` with (descent, standard error) for full input and each strategy row."""
+    strategies = [
+        r | {"descent": d, "descent_se": se, "descent_full": full[0], "descent_full_se": full[1]}
+        for r, (d, se) in zip(report["strategies"], rows, strict=True)
+    ]
+    return report | {"strategies": strategies}
+
+
+def test_descent_ranks_loss_decrease_per_unit_cost():
+    # full input: 1.0 per step; keep 0.5 (cost 0.5): 0.6 -> 1.2 per unit; 0.25:8 (flops 0.08): 0.05 -> 0.625
+    report = with_descent(LATE, (1.0, 0.01), [(0.6, 0.01), (0.05, 0.01)])
+    table = ca_mse_table(report, 4, metric="descent")
+    assert table == pytest.approx({Setting(1.0, 4): -1.0, Setting(0.5, 4): -1.2, Setting(0.25, 8): -0.5})
+    (stage,) = plan([report], 4, "flops", "descent")
+    choice = stage[1]
+    assert choice.setting == Setting(0.5, 4) and choice.runner_up == Setting(1.0, 4)  # 0.25:8: 0.625 by flops
+    assert choice.margin == pytest.approx((1.2 - 1.0) / 1.2)  # 17% less descent per unit cost
+    decision = choice.to_dict()
+    assert decision["metric"] == "descent" and decision["descent_per_cost"] == pytest.approx(1.2)
+    assert "ca_mse" not in decision
+    # CA-MSE on the same report prefers full input: bias counts as error
+    assert plan([report], 4, "flops")[0][1].setting == Setting(1.0, 4)
+
+
+def test_descent_ties_within_noise_keep_the_previous_choice():
+    report = with_descent(LATE, (1.0, 0.2), [(0.55, 0.1), (0.01, 0.01)])  # 1.1 ± 0.2 vs 1.0 ± 0.2
+    units = {Setting(1.0, 4): 1.0, Setting(0.5, 4): 0.5, Setting(0.25, 8): 0.1}.__getitem__
+    tied = choose_stage(report, units, 4, Setting(1.0, 4), monotone=False, metric="descent")
+    assert tied.setting == Setting(1.0, 4) and tied.within_noise
+    assert choose_stage(report, units, 4, None, monotone=False, metric="descent").setting == Setting(0.5, 4)
+
+
+def test_descent_of_a_report_without_it_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"^grad-error report of step 75 has no descent .*--metric model$"):
+        plan([LATE], 4, "flops", "descent")

@@ -2,10 +2,11 @@
 
 An objective is an `nn.Module` built as `build(cfg, backbone, dropout_views)` whose
 `forward(views, setting, progress)` returns the loss (and leaves its collapse monitors, detached, in
-`monitors`), whose `cancel_gradients(progress)` runs between backward and the optimizer step and whose
-`update_momentum(progress)` runs after it, plus `transform(objective_cfg, model_cfg, data_cfg)` that turns one
-image into its list of views and `branches(objective_cfg, model_cfg, dropout_views)` that lists a
-step's encoder passes for the cost model.
+`monitors`), whose `cancel_gradients(progress)` runs between backward and the optimizer step and
+whose `update_momentum(progress, ok)` runs after it (`ok`: a device flag, false for a skipped step),
+plus `transform(objective_cfg, model_cfg, data_cfg)` that turns one image into its list of views and
+`branches(objective_cfg, model_cfg, dropout_views)` that lists a step's encoder passes for the cost
+model.
 A new objective is one module and one entry here.
 """
 
@@ -33,17 +34,18 @@ class Objective:
     evaluates: str = "student"  # the encoder the reference evaluates: student or teacher
 
 
-def buffer_restorer(model: nn.Module) -> Callable[[], None]:
-    """Snapshot `model`'s buffers (batch-norm statistics, DINO's centre); the result puts them back.
+def buffer_restorer(model: nn.Module) -> Callable[..., None]:
+    """Snapshot `model`'s buffers (batch-norm statistics, DINO's centre); the result puts them back,
+    or, given `unless` (a device flag), keeps the new values where it is true.
 
     For passes that must leave no trace: measuring, timing, and steps skipped as non-finite.
     """
     saved = {k: v.clone() for k, v in model.named_buffers()}
 
-    def restore() -> None:
+    def restore(unless: torch.Tensor | None = None) -> None:
         with torch.no_grad():
             for k, v in model.named_buffers():
-                v.copy_(saved[k])
+                v.copy_(saved[k] if unless is None else torch.where(unless, v, saved[k]))
 
     return restore
 

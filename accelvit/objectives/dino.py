@@ -31,7 +31,7 @@ from accelvit.budget import Branch
 from accelvit.compress import base_patch_size, forward_features, vit_stem_stride
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.monitor import feature_monitors, teacher_monitors
-from accelvit.objectives.momentum import momentum_at
+from accelvit.objectives.momentum import momentum_at, momentum_where
 from accelvit.setting import Setting, patch_for_size
 
 
@@ -108,8 +108,8 @@ class DINO(nn.Module):
             self.head.cancel_last_layer_gradients(current_epoch=0)
 
     @torch.no_grad()
-    def update_momentum(self, progress: float) -> None:
-        m = momentum_at(self.cfg.momentum, progress)
+    def update_momentum(self, progress: float, ok: torch.Tensor | None = None) -> None:
+        m = momentum_where(momentum_at(self.cfg.momentum, progress), ok)
         update_momentum(self.backbone, self.teacher_backbone, m)
         update_momentum(self.head, self.teacher_head, m)
 

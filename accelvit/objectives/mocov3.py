@@ -29,7 +29,7 @@ from accelvit.budget import Branch
 from accelvit.compress import forward_features
 from accelvit.config import DataConfig, ModelConfig, ObjectiveConfig
 from accelvit.monitor import feature_monitors
-from accelvit.objectives.momentum import momentum_at
+from accelvit.objectives.momentum import momentum_at, momentum_where
 from accelvit.setting import Setting
 
 
@@ -102,8 +102,8 @@ class MoCoV3(nn.Module):
         """Every parameter is trained at every step."""
 
     @torch.no_grad()
-    def update_momentum(self, progress: float) -> None:
-        m = momentum_at(self.momentum, progress)
+    def update_momentum(self, progress: float, ok: torch.Tensor | None = None) -> None:
+        m = momentum_where(momentum_at(self.momentum, progress), ok)
         update_momentum(self.backbone, self.momentum_backbone, m)
         update_momentum(self.projection, self.momentum_projection, m)
 

@@ -44,7 +44,7 @@ class SimCLR(nn.Module):
     def cancel_gradients(self, progress: float) -> None:
         """Every parameter is trained at every step."""
 
-    def update_momentum(self, progress: float) -> None:
+    def update_momentum(self, progress: float, ok: torch.Tensor | None = None) -> None:
         """SimCLR has no momentum encoder."""
 
 
