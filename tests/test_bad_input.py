@@ -1,6 +1,6 @@
 """Bad input at the command line: one line naming what is wrong, exit code 2, nothing written.
 
-Each case's message is also in the README's bad-input table, so the table and the tests agree.
+Each case's message is also in the bad-input table of docs/reliability.md, so the table and the tests agree.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _no_val_split(tmp, recipe):
     return _pretrain(tmp, recipe, "data.dataset=imagefolder", f"data.root={tmp / 'images'}", "train.eval_every=2")
 
 
-# (case, argv builder, message as in the README)
+# (case, argv builder, message as in docs/reliability.md)
 CASES = [
     ("malformed YAML", _malformed, "bad.yaml: line 3, column 9: malformed YAML"),
     (
@@ -267,11 +267,11 @@ def test_an_output_folder_that_refuses_writes_is_refused_before_any_work(tmp_pat
 
 
 def test_the_readme_table_lists_every_case():
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("### Bad input") :]
+    page = (REPO / "docs" / "reliability.md").read_text()
+    table = page[page.index("### Bad input") :]
     for case, _, message in CASES:
         row = re.search(rf"^\| {re.escape(case)} \|.*$", table, re.M)
-        assert row, f"README bad-input table has no row for {case!r}"
+        assert row, f"docs/reliability.md's bad-input table has no row for {case!r}"
         expected = re.sub(r"\\\|", "|", message.replace("`", "").replace("{tmp}", "TMP"))
         assert expected in row.group(0).replace("`", ""), case
 
