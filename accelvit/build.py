@@ -12,11 +12,13 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -25,16 +27,17 @@ from tqdm import tqdm
 from accelvit.augment import batch_views
 from accelvit.backbone import build_backbone, vit_shape
 from accelvit.budget import CostFn, VitShape, flops_cost_fn, progress_of, relative_cost, table_cost_fn
-from accelvit.checkpoint import STATE
-from accelvit.config import Config, patch_sizes
+from accelvit.checkpoint import STATE, TrainState, resume_state, run_identity
+from accelvit.config import Config, OptimConfig, patch_sizes
 from accelvit.data import StepBatchSampler, build_loader, encoded_images, load_dataset
 from accelvit.diagnostics import measure_blocks, probe_batch
-from accelvit.distributed import use_cpu
+from accelvit.distributed import report_position, use_cpu
 from accelvit.gradbias import SCHEMA, measure, summarize
 from accelvit.objectives import OBJECTIVES, view_pipeline
 from accelvit.schedule import lr_at
 from accelvit.setting import Setting, strategies_or_default, strategy_rule
 from accelvit.timing import measure_costs, measured_settings, shared_cost_table
+from accelvit.trackers import start_trackers
 
 
 def build_model(cfg: Config, sync_batch_norm: bool = False) -> nn.Module:
@@ -219,3 +222,97 @@ def estimate_at(
         "wall_s": time.perf_counter() - started,
         "diagnostics": measure_blocks(model.backbone, probe),  # attention of the measured state
     }
+
+
+NO_DECAY = ("pos_embed", "cls_token", "reg_token", "value_lambdas")  # besides every 1-D parameter
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; biases, norms, position embeddings, prefix tokens and the value-residual mixing scalars
+    get no weight decay. The first parameter group is the one that decays (`weight_decay_at`)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # value_lambdas is (depth, 2): decay would pull the mixing toward 0, not regularise weights
+        skip = param.ndim <= 1 or name.endswith(NO_DECAY)
+        (no_decay if skip else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # fused: one kernel for all parameters, and it can skip a step on the device (`found_inf`)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run is made of, built before its first step; the loop only steps it."""
+
+    accelerator: Accelerator
+    model: nn.Module  # as prepared (wrapped for data parallelism on several processes)
+    objective: nn.Module  # the same module, unwrapped
+    optimizer: torch.optim.Optimizer
+    shape: VitShape
+    state: TrainState  # a resumed run's, or a new one
+    identity: dict  # what a checkpoint must match to resume this run
+    images: object  # the training split
+    stream: Iterator[tuple[list[torch.Tensor], list[str]]]  # each step's views on the device
+    probe: torch.Tensor | None  # the attention diagnostics' fixed batch
+    grad_error_strategies: list[Setting]
+    candidates: list[Setting]  # the adaptive schedule's
+    cost: CostFn  # budget units per image of a step at a setting
+    global_batch: int
+
+
+def build_run(cfg: Config, run_dir: Path, resume: bool) -> Run:
+    """Everything `cfg`'s run in `run_dir` needs, on every process: the accelerator, the model and
+    optimizer (from the newest checkpoint when `resume`), the trackers, the data stream from the
+    run's step, and the cost model."""
+    # a hung peer stops the others after train.process_timeout, not torch's silent 30 minutes
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.process_timeout))
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.precision,
+        cpu=use_cpu(),
+        kwargs_handlers=[timeout],
+        log_with=cfg.train.log_with or None,
+        project_dir=str(run_dir),
+    )
+    train = cfg.train
+    global_batch = train.batch_size * accelerator.num_processes
+    identity = run_identity(cfg)
+
+    # Model, identical on every process (same seed); DDP keeps it so.
+    report_position(-3, "building the model")
+    set_seed(train.seed)
+    sync = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+    model = build_model(cfg, sync_batch_norm=sync)  # batch norm over the global batch, as the references
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = accelerator.unwrap_model(model)
+    shape = vit_shape(objective.backbone, cfg.model.image_size)
+
+    # Resume: model, optimizer, RNG states and the TrainState come back from the checkpoint.
+    state = resume_state(accelerator, run_dir, model, identity) if resume else None
+    if state is None:
+        state = TrainState()
+        set_seed(train.seed + accelerator.process_index)  # token dropout differs per process
+    start_trackers(accelerator, cfg, run_dir, state.step)
+
+    # Data, and the cost of a step in budget units per image (the budget's currency)
+    report_position(-2, "loading the data")
+    images = load_dataset(cfg.data, train=True)
+    if train.eval_every:  # the split the in-loop kNN tests on: missing, it must fail now, not at step N
+        load_dataset(cfg.data, train=False)
+    stream = build_stream(cfg, images, accelerator, state.step)
+    probe = None
+    if train.diagnostics_every:  # the fixed batch the attention diagnostics are measured on
+        probe = probe_batch(images, cfg.model.image_size).to(accelerator.device)
+    grad_error_strategies, candidates = strategies(cfg)
+    report_position(-1, "measuring step costs")
+    cost = build_cost(cfg, accelerator, model, images, run_dir, candidates)
+
+    return Run(
+        accelerator, model, objective, optimizer, shape, state, identity, images, stream, probe,
+        grad_error_strategies, candidates, cost, global_batch,
+    )  # fmt: skip

@@ -12,17 +12,14 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-from accelvit.backbone import vit_shape
 from accelvit.budget import finished, progress_of
-from accelvit.build import build_cost, build_model, build_stream, estimate_at, strategies
+from accelvit.build import Run, build_run, estimate_at
 from accelvit.checkpoint import (
     CHECKPOINTS,
     DIAGNOSTICS,
@@ -30,22 +27,18 @@ from accelvit.checkpoint import (
     METRICS,
     TrainState,
     latest_checkpoint,
-    resume_state,
-    run_identity,
     save,
     write_decisions,
 )
 from accelvit.compress import compiled_features
-from accelvit.config import Config, ConfigError, OptimConfig, TrainConfig
-from accelvit.data import load_dataset
-from accelvit.diagnostics import measure_blocks, probe_batch
+from accelvit.config import Config, ConfigError, TrainConfig
+from accelvit.diagnostics import measure_blocks
 from accelvit.distributed import (
     PeerTimeout,
     any_process,
     is_timeout,
     report_position,
     stalled_message,
-    use_cpu,
 )
 from accelvit.evaluate import evaluate_backbone
 from accelvit.metrics import Meter, advance, append_jsonl, log_record, progress_bar, show
@@ -56,7 +49,7 @@ from accelvit.plan import choose_stage
 from accelvit.report import write_grad_report
 from accelvit.schedule import current_setting, due, due_points, lr_at, weight_decay_at
 from accelvit.setting import Setting, setting_of, stem_stride
-from accelvit.trackers import finish_trackers, log_grad_report, log_scalars, start_trackers
+from accelvit.trackers import finish_trackers, log_grad_report, log_scalars
 
 
 @dataclass
@@ -64,27 +57,6 @@ class RunResult:
     run_dir: Path
     step: int
     stopped: bool  # True when a signal ended the run before its end
-
-
-NO_DECAY = ("pos_embed", "cls_token", "reg_token", "value_lambdas")  # besides every 1-D parameter
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; biases, norms, position embeddings, prefix tokens and the value-residual mixing scalars
-    get no weight decay. The first parameter group is the one that decays (`weight_decay_at`)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        # value_lambdas is (depth, 2): decay would pull the mixing toward 0, not regularise weights
-        skip = param.ndim <= 1 or name.endswith(NO_DECAY)
-        (no_decay if skip else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # fused: one kernel for all parameters, and it can skip a step on the device (`found_inf`)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
 
 
 def train_step(
@@ -154,49 +126,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> RunResult:
 
 
 def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> RunResult:
-    # a hung peer stops the others after train.process_timeout, not torch's silent 30 minutes
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.process_timeout))
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.precision,
-        cpu=use_cpu(),
-        kwargs_handlers=[timeout],
-        log_with=cfg.train.log_with or None,
-        project_dir=str(run_dir),
-    )
-    train, main = cfg.train, accelerator.is_main_process
-    global_batch = train.batch_size * accelerator.num_processes
-    identity = run_identity(cfg)
-
-    # Model, identical on every process (same seed); DDP keeps it so.
-    report_position(-3, "building the model")
-    set_seed(train.seed)
-    sync = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
-    model = build_model(cfg, sync_batch_norm=sync)  # batch norm over the global batch, as the references
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    objective = accelerator.unwrap_model(model)
-    shape = vit_shape(objective.backbone, cfg.model.image_size)
-
-    # Resume: model, optimizer, RNG states and the TrainState come back from the checkpoint.
-    state = resume_state(accelerator, run_dir, model, identity) if resume else None
-    if state is None:
-        state = TrainState()
-        set_seed(train.seed + accelerator.process_index)  # token dropout differs per process
-    start_trackers(accelerator, cfg, run_dir, state.step)
-
-    # Data, and the cost of a step in budget units per image (the budget's currency)
-    report_position(-2, "loading the data")
-    images = load_dataset(cfg.data, train=True)
-    if train.eval_every:  # the split the in-loop kNN tests on: missing, it must fail now, not at step N
-        load_dataset(cfg.data, train=False)
-    stream = build_stream(cfg, images, accelerator, state.step)
-    probe = None
-    if train.diagnostics_every:  # the fixed batch the attention diagnostics are measured on
-        probe = probe_batch(images, cfg.model.image_size).to(accelerator.device)
-    grad_error_strategies, candidates = strategies(cfg)
-    report_position(-1, "measuring step costs")
-    cost = build_cost(cfg, accelerator, model, images, run_dir, candidates)
-
+    run = build_run(cfg, run_dir, resume)  # model, optimizer, data, step costs, trackers, state
+    accelerator, state, train, objective = run.accelerator, run.state, cfg.train, run.objective
+    main, shape = accelerator.is_main_process, run.shape
     bar, meter = progress_bar(train, state, main), Meter(state.partial_log)
     guard = Guard(accelerator.device, train.on_nonfinite, train.max_skipped, state.skipped_in_row)
     warned = False  # a collapse warning is printed once a run
@@ -207,60 +139,30 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
 
             # Data (time spent waiting for it is data_s)
             tick = time.perf_counter()
-            views, bad = next(stream)
+            views, bad = next(run.stream)
             meter.data_s += time.perf_counter() - tick
             _check_bad_files(bad, cfg.data.on_bad_file, state, main)
 
-            # Attention diagnostics on the fixed probe batch (train.diagnostics_every)
-            if main and due(state.step, train.diagnostics_every):
-                blocks = measure_blocks(objective.backbone, probe)
-                record = {"step": state.step, "progress": progress, "blocks": blocks}
-                append_jsonl(run_dir / DIAGNOSTICS, record)
-
-            # Gradient error of compressed inputs on the current model (train.grad_error_at)
-            for point in due_points(train.grad_error_at, progress, state.grad_error_done):
-                report = estimate_at(
-                    objective, cfg, accelerator, grad_error_strategies, train.grad_error_batches, state.step,
-                    progress, images, optimizer,
-                )  # fmt: skip
-                state.grad_error_done.append(point)
-                if main:
-                    write_grad_report(report, run_dir / GRAD_ERROR / f"step_{state.step}.json")
-                    log_grad_report(accelerator, report)
-
-            # Adaptive schedule: at each stage, measure the candidates and switch to the best one
-            if cfg.schedule.mode == "adaptive":
-                done = [d["stage"] for d in state.decisions]
-                for stage in due_points(cfg.schedule.stages, progress, done):
-                    decision = _decide(
-                        cfg, accelerator, objective, optimizer, images, candidates, cost, state, stage,
-                        progress,
-                    )  # fmt: skip
-                    if main:
-                        write_decisions(run_dir, state.decisions)
-                        bar.write(_decision_message(decision))
+            # Measurements on the current model: attention, gradient error, the adaptive stages
+            _measure(cfg, run, run_dir, progress, bar)
 
             # Compression setting, learning rate and weight decay at this point of training
             setting = current_setting(
                 cfg.schedule, progress, cfg.model.image_size, cfg.model.patch_size, state.decisions,
                 stem_stride(cfg.model.stem), state.step, train.seed,
             )  # fmt: skip
-            step_units = cost(setting) * global_batch
-            # the learning rate of the progress reached by this step: the first step must not get lr 0
-            lr = lr_at(cfg.optim, progress_of(train, state.step + 1, state.budget_spent + step_units))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.param_groups[0]["weight_decay"] = weight_decay_at(cfg.optim, progress)
+            step_units = run.cost(setting) * run.global_batch
+            lr = _set_rates(run.optimizer, cfg, state, progress, step_units)
 
             # Forward, backward, step, momentum; a non-finite loss or gradient skips the step or stops
             before = (state.step, state.images_seen, state.budget_spent)
             with compiled_features(train.compile):
                 loss, grad_norm, ok = train_step(
-                    accelerator, model, optimizer, views, setting, progress, cfg.optim.clip_grad,
+                    accelerator, run.model, run.optimizer, views, setting, progress, cfg.optim.clip_grad,
                     train.precision, guard,
                 )  # fmt: skip
-            _count_step(state, global_batch, step_units)
-            meter.add(loss.detach(), global_batch, ok)
+            _count_step(state, run.global_batch, step_units)
+            meter.add(loss.detach(), run.global_batch, ok)
             guard.record(loss, grad_norm, before, _stop_flag(accelerator, stop))
             done = finished(train, state.step, state.budget_spent)
             # a signal: several processes learn of one from the flags, so all stop at the same step
@@ -273,7 +175,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
             if halted:  # stopping checkpoints the state before that step
                 state.partial_log = meter.partial(accelerator)
                 _stop_nonfinite(
-                    accelerator, objective, run_dir, state, train, identity, halted.loss, halted.grad_norm
+                    accelerator, objective, run_dir, state, train, run.identity, halted.loss, halted.grad_norm
                 )
             advance(bar, train, state)
 
@@ -293,21 +195,13 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
 
             # Evaluate (kNN on the labelled splits, main process)
             if due(state.step, train.eval_every):
-                if main:
-                    encoder = getattr(objective, encoder_name(cfg.objective.name, cfg.eval.encoder))
-                    result = evaluate_backbone(encoder, cfg.model, cfg.data, cfg.eval, accelerator.device)
-                    record = {"step": state.step, "knn_top1": result["knn_top1"]}
-                    append_jsonl(run_dir / METRICS, record)
-                    state.last_log = record
-                    log_scalars(accelerator, record)
-                    bar.write(f"step {state.step}: kNN top-1 {result['knn_top1']:.4f}")
-                accelerator.wait_for_everyone()
+                _evaluate(cfg, run, run_dir, bar)
 
             # Checkpoint (and stop, on a signal)
             if due(state.step, train.checkpoint_every) or done or stopping:
                 state.partial_log = meter.partial(accelerator)
                 path = save(
-                    accelerator, run_dir, state, train.keep_checkpoints, train.on_save_error, identity
+                    accelerator, run_dir, state, train.keep_checkpoints, train.on_save_error, run.identity
                 )
             if stopping and not done:
                 bar.close()
@@ -321,6 +215,66 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
     if main:
         print(_done_message(state, run_dir), flush=True)
     return RunResult(run_dir, state.step, stopped=False)
+
+
+def _set_rates(optimizer, cfg: Config, state: TrainState, progress: float, step_units: float) -> float:
+    """The learning rate and weight decay of this step, set on the optimizer; returns the rate."""
+    # the learning rate of the progress reached by this step: the first step must not get lr 0
+    lr = lr_at(cfg.optim, progress_of(cfg.train, state.step + 1, state.budget_spent + step_units))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.param_groups[0]["weight_decay"] = weight_decay_at(cfg.optim, progress)
+    return lr
+
+
+def _evaluate(cfg: Config, run: Run, run_dir: Path, bar) -> None:
+    """The in-loop kNN (`train.eval_every`) of the objective's evaluation encoder, on the main process."""
+    accelerator, state = run.accelerator, run.state
+    if accelerator.is_main_process:
+        encoder = getattr(run.objective, encoder_name(cfg.objective.name, cfg.eval.encoder))
+        result = evaluate_backbone(encoder, cfg.model, cfg.data, cfg.eval, accelerator.device)
+        record = {"step": state.step, "knn_top1": result["knn_top1"]}
+        append_jsonl(run_dir / METRICS, record)
+        state.last_log = record
+        log_scalars(accelerator, record)
+        bar.write(f"step {state.step}: kNN top-1 {result['knn_top1']:.4f}")
+    accelerator.wait_for_everyone()
+
+
+def _measure(cfg: Config, run: Run, run_dir: Path, progress: float, bar) -> None:
+    """What is due at this point of training: attention diagnostics on the probe batch
+    (`train.diagnostics_every`), grad-error reports (`train.grad_error_at`) and the adaptive
+    schedule's stages (`schedule.stages`), each measured on the current model."""
+    train, state, main = cfg.train, run.state, run.accelerator.is_main_process
+    accelerator, objective, optimizer = run.accelerator, run.objective, run.optimizer
+    # Attention diagnostics on the fixed probe batch (train.diagnostics_every)
+    if main and due(state.step, train.diagnostics_every):
+        blocks = measure_blocks(objective.backbone, run.probe)
+        record = {"step": state.step, "progress": progress, "blocks": blocks}
+        append_jsonl(run_dir / DIAGNOSTICS, record)
+
+    # Gradient error of compressed inputs on the current model (train.grad_error_at)
+    for point in due_points(train.grad_error_at, progress, state.grad_error_done):
+        report = estimate_at(
+            objective, cfg, accelerator, run.grad_error_strategies, train.grad_error_batches, state.step,
+            progress, run.images, optimizer,
+        )  # fmt: skip
+        state.grad_error_done.append(point)
+        if main:
+            write_grad_report(report, run_dir / GRAD_ERROR / f"step_{state.step}.json")
+            log_grad_report(accelerator, report)
+
+    # Adaptive schedule: at each stage, measure the candidates and switch to the best one
+    if cfg.schedule.mode == "adaptive":
+        done = [d["stage"] for d in state.decisions]
+        for stage in due_points(cfg.schedule.stages, progress, done):
+            decision = _decide(
+                cfg, accelerator, objective, optimizer, run.images, run.candidates, run.cost, state, stage,
+                progress,
+            )  # fmt: skip
+            if main:
+                write_decisions(run_dir, state.decisions)
+                bar.write(_decision_message(decision))
 
 
 def _count_step(state: TrainState, images: int, units: float) -> None:

@@ -57,11 +57,11 @@ def build_steps(args: argparse.Namespace) -> dict:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
 
-    from accelvit.build import build_model
+    from accelvit.build import build_model, build_optimizer
     from accelvit.config import Config
     from accelvit.nonfinite import Guard
     from accelvit.setting import Setting
-    from accelvit.train import build_optimizer, train_step
+    from accelvit.train import train_step
 
     dev = device()
     model_cfg, objective_cfg = model_config(args), ObjectiveConfig()

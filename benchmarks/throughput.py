@@ -77,11 +77,10 @@ def views_and_data_time(cfg, batch: int, workers: int, batches: int) -> tuple[li
 def main(argv: list[str] | None = None) -> dict:
     from accelvit.backbone import vit_shape
     from accelvit.budget import tokens_per_view
-    from accelvit.build import build_model, flops_cost
+    from accelvit.build import build_model, build_optimizer, flops_cost
     from accelvit.compress import compiled_features
     from accelvit.config import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig
     from accelvit.setting import Setting, parse_strategies
-    from accelvit.train import build_optimizer
 
     args = parse_args(argv)
     model_cfg = ModelConfig(arch=args.arch, image_size=args.image_size, patch_size=args.patch)

@@ -468,7 +468,45 @@ def format_table(result: dict) -> str:
             bound = {"lower": " (at least)", "upper": " (at most)"}.get(sp["bound"], "")
             extra = "".join(f", {k} {sp[k]:.2f}x" for k in ("budget_measured", "wall") if sp[k])
             lines.append(f"{name} ({metric}): {sp['budget']:.2f}x in FLOPs budget{bound}{extra}")
+    return "\n".join(lines) + "\n\n" + headline_table(result)
+
+
+NAMES = {"simclr": "SimCLR", "mocov3": "MoCo-v3", "dino": "DINO"}
+TARGETS = {"simclr": 3.3, "mocov3": 4.0, "dino": 2.5}  # the reference's ImageNet speedups
+
+
+def headline_table(result: dict) -> str:
+    """The README's table: per objective and metric, the headline speedup in FLOPs and measured
+    budget, the best baseline and the accelerated point it rests on (the mean of its seeds)."""
+    lines = [
+        "| objective | metric | FLOPs budget | measured budget (= wall alone) | best baseline "
+        "| accelerated point | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, summary in result["objectives"].items():
+        rows = [r for r in result["rows"] if r["objective"] == name]
+        unit = base_budget(rows)
+        for metric, label in (("knn", "kNN"), ("linear", "linear probe")):
+            sp = summary["speedup"][metric]
+            if sp["budget"] is None:
+                continue
+            bound = {"lower": " (at least)", "upper": " (at most)"}.get(sp["bound"], "")
+            point = next(p for p in sp["points"] if (p["ratio"], p["bound"]) == (sp["budget"], sp["bound"]))
+            seeds = [r for r in rows if r["kind"] == "accel" and math.isclose(r["budget"], point["budget"])]
+            base = max(frontier(rows, "baseline", metric, "budget"), key=lambda p: p[1])
+            measured = f"{sp['budget_measured']:.2f}x{bound}" if sp["budget_measured"] else "-"
+            n = f"{len(seeds)} seed{'s' * (len(seeds) > 1)}"
+            at = f"{point[metric]:.4f} ({point['budget'] / unit:g} B, {n})"
+            lines.append(
+                f"| {NAMES[name]} | {label} | **{sp['budget']:.2f}x**{bound} | {measured} "
+                f"| {base[1]:.4f} ({base[0] / unit:g} B) | {at} | {TARGETS[name]}x |"
+            )
     return "\n".join(lines)
+
+
+def base_budget(rows: list[dict]) -> float:
+    """B: the budget of the baseline at fraction 1."""
+    return next(r["budget"] / r["fraction"] for r in rows if r["kind"] == "baseline")
 
 
 if __name__ == "__main__":

@@ -129,16 +129,16 @@ def test_checkpoints_are_written_once_and_resume_with_two_or_one_process(runs):
 
 HANGING_PEER = """
 import os, sys, time
-import accelvit.train as train
+import accelvit.build as build
 
-real_load = train.load_dataset
+real_load = build.load_dataset
 
 def load(*args, **kwargs):
     if os.environ.get("RANK") == "1":
         time.sleep(120)  # a peer that hangs (a stuck file system, a deadlock)
     return real_load(*args, **kwargs)
 
-train.load_dataset = load
+build.load_dataset = load
 from accelvit.cli import main
 sys.exit(main(sys.argv[1:]))
 """

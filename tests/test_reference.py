@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from accelvit.backbone import build_backbone
+from accelvit.build import build_optimizer
 from accelvit.checkpoint import create_run_dir
 from accelvit.cli import main
 from accelvit.compress import forward_features
@@ -21,7 +22,7 @@ from accelvit.monitor import collapse_warning, feature_monitors, teacher_monitor
 from accelvit.objectives import OBJECTIVES
 from accelvit.schedule import weight_decay_at
 from accelvit.setting import Setting
-from accelvit.train import build_optimizer, pretrain
+from accelvit.train import pretrain
 
 MODEL = ModelConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 

@@ -22,21 +22,28 @@ def _scalars(folder, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
-def test_tensorboard_holds_the_metrics_values_across_a_resume(tmp_path, tiny_recipe):
-    pytest.importorskip("tensorboard")
-    cfg = load_config(tiny_recipe, ["train.log_with=[tensorboard]", "train.grad_error_at=[0.5]"])
+TAGS = ("loss", "lr", "keep", "patch", "budget_spent", "feature_std")
+
+
+def _resumed_run(tmp_path, tiny_recipe, tracker: str, *overrides: str):
+    """A run logged to `tracker` that crashed after step 6 was logged, before its checkpoint, and
+    resumed from step 3 (so steps 4-6 are logged again); its metrics.jsonl values by step."""
+    cfg = load_config(tiny_recipe, [f"train.log_with=[{tracker}]", *overrides])
     run_dir = tmp_path / "run"
     create_run_dir(run_dir, cfg)
     pretrain(cfg, run_dir)
-    # a crash after step 6 was logged but before its checkpoint: resume from step 3 logs 4-6 again
     shutil.rmtree(run_dir / "checkpoints/step_6")
     pretrain(cfg, run_dir, resume=True)
-
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = {r["step"]: r for r in records if "loss" in r}
+    return run_dir, {r["step"]: r for r in records if "loss" in r}
+
+
+def test_tensorboard_holds_the_metrics_values_across_a_resume(tmp_path, tiny_recipe):
+    pytest.importorskip("tensorboard")
+    run_dir, logged = _resumed_run(tmp_path, tiny_recipe, "tensorboard", "train.grad_error_at=[0.5]")
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]
     folder = run_dir / "trackers"
-    for tag in ("loss", "lr", "keep", "patch", "budget_spent", "feature_std"):
+    for tag in TAGS:
         values = _scalars(folder, tag)
         assert sorted(values) == [1, 2, 3, 4, 5, 6], tag  # no step twice, none lost
         assert values == pytest.approx({s: r[tag] for s, r in logged.items()}, rel=1e-6), tag
@@ -59,21 +66,6 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_written(
     )
     assert not out.exists()
 
-
-def _resumed_run(tmp_path, tiny_recipe, tracker: str):
-    """A run logged to `tracker` that crashed after step 6 was logged, before its checkpoint, and
-    resumed from step 3; its metrics.jsonl values by step."""
-    cfg = load_config(tiny_recipe, [f"train.log_with=[{tracker}]"])
-    run_dir = tmp_path / "run"
-    create_run_dir(run_dir, cfg)
-    pretrain(cfg, run_dir)
-    shutil.rmtree(run_dir / "checkpoints/step_6")
-    pretrain(cfg, run_dir, resume=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return run_dir, {r["step"]: r for r in records if "loss" in r}
-
-
-TAGS = ("loss", "lr", "keep", "patch", "budget_spent", "feature_std")
 
 
 def _wandb_history(run_dir) -> dict[int, dict[str, float]]:

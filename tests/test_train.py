@@ -213,16 +213,16 @@ def test_resumed_metrics_equal_uninterrupted_when_log_every_does_not_divide_the_
 
 SLOW_SETUP = """
 import sys, time
-import accelvit.train as train
+import accelvit.build as build
 
-real_load = train.load_dataset
+real_load = build.load_dataset
 
 def load(*args, **kwargs):
     print("loading", flush=True)
     time.sleep(3)  # the SIGTERM arrives here, before the loop
     return real_load(*args, **kwargs)
 
-train.load_dataset = load
+build.load_dataset = load
 from accelvit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
