@@ -217,6 +217,8 @@ def estimate_at(
         "strategies": summarize(raw, flops),
         "lr": raw["lr"],
         "curvature": raw["curvature"],
+        "curvature_noise": raw["curvature_noise"],
+        "momentum": raw["momentum"],
         "curvature_s": raw["curvature_s"],  # what the descent criterion adds to the estimator
         "preconditioner_from": raw["preconditioner_from"],
         "wall_s": time.perf_counter() - started,

@@ -247,7 +247,7 @@ def _plan(args: argparse.Namespace) -> int:
     base = bases.pop()
     stages = plan(reports, base, args.cost, args.metric)
     print(format_plan(stages))
-    if args.metric == "descent":  # what the criterion adds to the estimator: one gradient per process
+    if args.metric == "descent":  # what the criterion adds to the estimator: two gradients a process
         probe, total = (sum(r.get(k, 0.0) for r in reports) for k in ("curvature_s", "wall_s"))
         print(f"descent's curvature probe took {probe:.1f} s of the reports' {total:.1f} s")
     for warning in plan_warnings(reports, stages, base):

@@ -17,12 +17,14 @@ paired differences d_{s,k} = ĝ_{s,k} - g_k it reports, over the whole model and
 - ca_mse = bias_sq + cost * variance: at a fixed compute budget a strategy that is c times cheaper
   takes 1/c times as many steps, dividing its variance (Lin et al., NeurIPS 2024);
 - `bias_sq_se`, `ca_mse_se`: standard errors over batches, by the delete-one jackknife;
-- descent: what one optimizer step on a batch under the strategy does for the full-input loss,
-  d = eta <g, P E ĝ> - (eta^2 L / 2) E||P ĝ||^2 (first-order decrease minus the second-order penalty),
+- descent: what one AdamW step under the strategy does for the full-input loss, d = eta <g, P E ĝ>
+  - (eta^2 / 2) (L ||P E ĝ||^2 + L_noise (1 - beta1) / (1 + beta1) tr Cov(P ĝ)) (first-order decrease
+  minus the second-order penalty of the mean update and of the noise its momentum leaves),
   with eta the learning rate, P AdamW's diagonal preconditioner 1 / (sqrt(v) + eps) (v: the
   optimizer's second moment, or the K full-input gradients' where there is no optimizer state yet)
-  and L the curvature of the loss along the full-input update, from a secant of the gradient over
-  one step (`curvature`). Bias lowers the first term, variance raises the second; per unit of cost
+  and L the curvature of the loss, from a secant of one batch's gradient over one step: along the
+  mean update for its square (`curvature`), along the batch's noise for the rest of E||P ĝ||^2
+  (`curvature_noise`). Bias lowers the first term, variance raises the second; per unit of cost
   it is what the `descent` metric of `accelvit plan` and the adaptive schedule ranks (`plan`).
   `descent_full` is full input's own, `descent_se` the jackknife's.
 
@@ -196,16 +198,26 @@ def measure(
         }
         if lr is not None and views is not None:
             precondition, source = preconditioner(params, raw["full"], optimizer)
-            update = precondition * raw["full"].mean(0)
-            restore_buffers()
-            tick = time.perf_counter()
-            with _per_process_losses(model):
-                bend = curvature(model, params, views, full_setting, progress, full[-1], update, lr, autocast)
+            mean = raw["full"].mean(0)
+            # the curvature along the mean update and along this batch's noise around it: noise
+            # directions need not bend as the mean direction does, and one curvature for both
+            # charged the noise of a preconditioned step as if it lay along the gradient
+            bends, tick = [], time.perf_counter()
+            g0 = full[-1]  # this process's last batch, probed again
+            for direction in (precondition * mean, precondition * (g0 - mean)):
+                restore_buffers()
+                with _per_process_losses(model):
+                    bend = curvature(
+                        model, params, views, full_setting, progress, g0, direction, lr, autocast
+                    )
+                bends.append(bend)
             # every process probed its own last batch: their mean
-            probe = torch.tensor([bend, time.perf_counter() - tick], dtype=torch.float64, device=device)
-            bends = gather(probe).view(-1, 2).cpu()
+            probe = torch.tensor([*bends, time.perf_counter() - tick], dtype=torch.float64, device=device)
+            probes = gather(probe).view(-1, 3).cpu()
             raw |= {"lr": lr, "preconditioner": precondition, "preconditioner_from": source}
-            raw |= {"curvature": bends[:, 0].mean().item(), "curvature_s": bends[:, 1].sum().item()}
+            raw["momentum"] = optimizer.param_groups[0]["betas"][0] if optimizer is not None else ADAM_BETA1
+            raw |= {"curvature": probes[:, 0].mean().item(), "curvature_noise": probes[:, 1].mean().item()}
+            raw["curvature_s"] = probes[:, 2].sum().item()
         return raw
     finally:
         restore_buffers()
@@ -213,7 +225,7 @@ def measure(
             p.grad = grad
 
 
-ADAM_EPS = 1e-8  # torch's AdamW default, which build_optimizer keeps
+ADAM_EPS, ADAM_BETA1 = 1e-8, 0.9  # torch's AdamW defaults, which build_optimizer keeps
 
 
 def preconditioner(
@@ -343,27 +355,32 @@ def _strategy_stats(gs: torch.Tensor, gg: torch.Tensor, gsg: torch.Tensor, cost:
 
 
 def _descent_stats(
-    cross: torch.Tensor, sq: torch.Tensor, lr: float, bend: float
+    cross: torch.Tensor, gram: torch.Tensor, lr: float, bend: float, bend_noise: float, momentum: float
 ) -> tuple[float, float | None]:
-    """Descent of one step and its jackknife error, from cross[i, j] = <g_i, P ĝ_j> (i != j pairs:
-    batch noise shared by g and ĝ of one batch does not count as descent) and sq = diag ||P ĝ_k||^2."""
+    """Descent of one AdamW step and its jackknife error, from cross[i, j] = <g_i, P ĝ_j> (i != j
+    pairs: batch noise shared by g and ĝ of one batch does not count as descent) and gram[i, j] =
+    <P ĝ_i, P ĝ_j>. The update is P times AdamW's first moment, an average of recent gradients:
+    its mean is E ĝ, its noise (1 - beta1) / (1 + beta1) of one batch's (an exponential average of
+    independent batches). The square of the mean update is charged the mean direction's curvature,
+    the noise the noise's."""
+    damped = (1 - momentum) / (1 + momentum)
 
-    def descent(cross: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-        k = len(cross)
-        first = (cross.sum() - cross.trace()) / (k * (k - 1))
-        return lr * first - lr**2 * bend / 2 * sq.trace() / k
+    def descent(cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        first = _mean_sq_unbiased(cross)  # the same pair mean, of <g_i, P ĝ_j>
+        mean_sq, noise = _mean_sq_unbiased(gram), _trace_cov(gram)  # ||P E ĝ||^2, tr Cov(P ĝ)
+        return lr * first - lr**2 / 2 * (bend * mean_sq + bend_noise * damped * noise)
 
-    return descent(cross, sq).item(), _jackknife_se(descent, cross, sq)
+    return descent(cross, gram).item(), _jackknife_se(descent, cross, gram)
 
 
 def _descent_rows(raw: dict) -> list[dict]:
     """Per strategy: `descent`, `descent_se`, and full input's `descent_full`, `descent_full_se`."""
     precondition, g = raw["preconditioner"].double(), raw["full"].double()
-    lr, bend = raw["lr"], raw["curvature"]
+    lr, bend, bend_noise, momentum = raw["lr"], raw["curvature"], raw["curvature_noise"], raw["momentum"]
 
     def stats(s: torch.Tensor) -> tuple[float, float | None]:
         ps = s.double() * precondition
-        return _descent_stats(g @ ps.T, torch.diag(ps.square().sum(1)), lr, bend)
+        return _descent_stats(g @ ps.T, ps @ ps.T, lr, bend, bend_noise, momentum)
 
     full, full_se = stats(g)
     return [

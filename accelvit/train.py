@@ -384,9 +384,9 @@ def _decide(
     previous = setting_of(state.decisions[-1]) if state.decisions else None
     choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone, cfg.schedule.adaptive_metric)
     # the estimator ran K batches of `batch` images at full input and at every candidate, and each
-    # process one more at full input for the curvature of the descent criterion
+    # process two more at full input for the curvatures of the descent criterion
     units = k * batch * sum(cost(s) for s in [Setting(1.0, base), *candidates])
-    units += accelerator.num_processes * batch * cost(Setting(1.0, base))
+    units += 2 * accelerator.num_processes * batch * cost(Setting(1.0, base))
     state.budget_spent += units
     state.estimator_spent += units
     decision = {

@@ -343,25 +343,36 @@ def test_jackknife_standard_error_matches_the_spread_over_repetitions():
 # The descent criterion: expected loss decrease of one preconditioned step, per unit cost
 
 
-def with_descent(raw: dict, precondition: torch.Tensor, lr: float, bend: float) -> dict:
-    return raw | {"preconditioner": precondition, "lr": lr, "curvature": bend}
+def with_descent(
+    raw: dict, precondition: torch.Tensor, lr: float, bend: float, noise: float | None = None, momentum: float = 0.0
+) -> dict:
+    noise = bend if noise is None else noise
+    curvatures = {"curvature": bend, "curvature_noise": noise, "momentum": momentum}
+    return raw | {"preconditioner": precondition, "lr": lr, **curvatures}
 
 
 def test_descent_equals_its_pairwise_definition():
     raw = synthetic(k=5, bias=0.3, noise=1.0, seed=0)
     precondition = torch.linspace(0.5, 2.0, 400)
-    (row,) = summarize(with_descent(raw, precondition, lr=0.1, bend=3.0))
+    (row,) = summarize(with_descent(raw, precondition, lr=0.1, bend=3.0, noise=0.5, momentum=0.9))
     g, s = raw["full"].double(), raw["strategies"][0][1].double()
     p = precondition.double()
     pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
 
     def descent(x):
         first = sum(g[i] @ (p * x[j]) for i, j in pairs).item() / 20
-        return 0.1 * first - 0.1**2 * 3.0 / 2 * sum((p * x[k]).square().sum() for k in range(5)).item() / 5
+        mean_sq = sum((p * x[i]) @ (p * x[j]) for i, j in pairs).item() / 20  # ||P E x||^2, unbiased
+        noise = (p * x).var(0, unbiased=True).sum().item()  # tr Cov(P x)
+        return 0.1 * first - 0.1**2 / 2 * (3.0 * mean_sq + 0.5 * noise * 0.1 / 1.9)  # momentum's noise
 
     assert row["descent"] == pytest.approx(descent(s))
     assert row["descent_full"] == pytest.approx(descent(g))
     assert row["descent_se"] > 0 and row["descent_full_se"] > 0
+    # one curvature for both and no momentum: the second-order term is the plain mean of ||P x_k||^2
+    (same,) = summarize(with_descent(raw, precondition, lr=0.1, bend=3.0))
+    plain = sum((p * s[k]).square().sum() for k in range(5)).item() / 5
+    first = sum(g[i] @ (p * s[j]) for i, j in pairs).item() / 20
+    assert same["descent"] == pytest.approx(0.1 * first - 0.1**2 * 3.0 / 2 * plain)
 
 
 def test_descent_charges_bias_and_noise_where_ca_mse_charges_cost():
@@ -425,6 +436,7 @@ def test_a_measured_report_has_descent_lr_and_curvature(tiny_config):
 
     report = estimate(tiny_config, [Setting(0.5, 4)], num_batches=3)
     (row,) = report["strategies"]
-    assert report["lr"] > 0 and report["curvature"] >= 0 and report["curvature_s"] > 0
+    assert report["lr"] > 0 and report["curvature"] >= 0 and report["curvature_noise"] >= 0
+    assert report["curvature_s"] > 0 and report["momentum"] == 0.9
     assert report["preconditioner_from"] == "batches"
     assert all(isinstance(row[k], float) for k in ("descent", "descent_se", "descent_full", "descent_full_se"))
