@@ -138,6 +138,10 @@ def estimate(
     return estimate_at(model, cfg, accelerator, strategies, num_batches, step, progress)
 
 
+# what a report holds for the descent criterion; curvature_s: what it adds to the estimator's time
+DESCENT_KEYS = ("lr", "curvature", "curvature_noise", "momentum", "curvature_s", "preconditioner_from")
+
+
 def estimate_at(
     model: nn.Module,
     cfg: Config,
@@ -148,6 +152,7 @@ def estimate_at(
     progress: float,
     images=None,
     optimizer: torch.optim.Optimizer | None = None,
+    descent: bool = True,
 ) -> dict:
     """The grad-error report of `model` (the objective module, unwrapped) at `step` of `cfg`'s run.
 
@@ -156,6 +161,8 @@ def estimate_at(
     batch, and the sums are added over processes. The global RNG state is left as it was.
     `images`: the run's training split, if already loaded (else it is loaded here). `optimizer`:
     the run's, whose second moments precondition the descent criterion (without it, the batches').
+    `descent`: measure what the descent criterion needs (two curvature probes a process); an
+    adaptive stage that ranks by CA-MSE leaves it out.
     """
     started = time.perf_counter()
     allowed = patch_sizes(cfg.model)
@@ -197,7 +204,7 @@ def estimate_at(
             autocast=accelerator.autocast,
             # during warm-up, the rate it ends at: a stage chosen there runs mostly at the rates after
             # it, and the instantaneous one (0 at the start) would leave only the first-order term
-            lr=lr_at(cfg.optim, max(progress, cfg.optim.warmup)),
+            lr=lr_at(cfg.optim, max(progress, cfg.optim.warmup)) if descent else None,
             optimizer=optimizer,
         )
     flops = {s: relative_cost(shape, s, cfg.model.patch_size) for s in strategies}
@@ -215,12 +222,7 @@ def estimate_at(
         "device": accelerator.device.type,
         "groups": [g.name for g in raw["groups"]],
         "strategies": summarize(raw, flops),
-        "lr": raw["lr"],
-        "curvature": raw["curvature"],
-        "curvature_noise": raw["curvature_noise"],
-        "momentum": raw["momentum"],
-        "curvature_s": raw["curvature_s"],  # what the descent criterion adds to the estimator
-        "preconditioner_from": raw["preconditioner_from"],
+        **{k: raw[k] for k in DESCENT_KEYS if k in raw},
         "wall_s": time.perf_counter() - started,
         "diagnostics": measure_blocks(model.backbone, probe),  # attention of the measured state
     }

@@ -36,10 +36,8 @@ class Meter:
         loss = accelerator.reduce(torch.as_tensor(self.loss_sum, dtype=torch.float32), "mean").item()
         return {"loss_sum": loss, "steps": int(self.steps), "images": self.images}
 
-    def add(self, loss: torch.Tensor, images: int, ok: torch.Tensor | None = None) -> None:
+    def add(self, loss: torch.Tensor, images: int, ok: torch.Tensor) -> None:
         """Count a step's loss unless `ok` (a device flag, read at the log step) says it was skipped."""
-        if ok is None:
-            ok = torch.ones((), dtype=torch.bool, device=loss.device)
         self.loss_sum = self.loss_sum + torch.where(ok, loss.float(), 0.0)
         self.steps = self.steps + ok.long()
         self.images += images

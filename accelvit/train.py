@@ -380,13 +380,18 @@ def _decide(
     as the next stage."""
     base = cfg.model.patch_size
     k, batch = cfg.schedule.adaptive_batches, cfg.train.batch_size
-    report = estimate_at(objective, cfg, accelerator, candidates, k, state.step, progress, images, optimizer)
+    metric = cfg.schedule.adaptive_metric
+    descent = metric == "descent"
+    report = estimate_at(
+        objective, cfg, accelerator, candidates, k, state.step, progress, images, optimizer, descent
+    )
     previous = setting_of(state.decisions[-1]) if state.decisions else None
-    choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone, cfg.schedule.adaptive_metric)
-    # the estimator ran K batches of `batch` images at full input and at every candidate, and each
-    # process two more at full input for the curvatures of the descent criterion
+    choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone, metric)
+    # the estimator ran K batches of `batch` images at full input and at every candidate, and for
+    # the descent criterion each process two more at full input (its curvature probes)
     units = k * batch * sum(cost(s) for s in [Setting(1.0, base), *candidates])
-    units += 2 * accelerator.num_processes * batch * cost(Setting(1.0, base))
+    if descent:
+        units += 2 * accelerator.num_processes * batch * cost(Setting(1.0, base))
     state.budget_spent += units
     state.estimator_spent += units
     decision = {
