@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -136,6 +137,16 @@ def test_norm_last_layer_fixes_the_prototype_norms():
 
     assert trainable(True) == {"weight_v"}
     assert trainable(False) == {"weight_g", "weight_v"}
+
+
+def test_head_batch_norm_normalises_the_hidden_layers_of_both_heads():
+    cfg = ObjectiveConfig(name="dino", hidden_dim=16, bottleneck_dim=8, out_dim=12, head_batch_norm=True)
+    model = OBJECTIVES["dino"].build(cfg, build_backbone(MODEL), "query")
+    for head in (model.head, model.teacher_head):
+        norms = [m for m in head.modules() if isinstance(m, nn.BatchNorm1d)]
+        assert [n.num_features for n in norms] == [16, 16]
+    plain = OBJECTIVES["dino"].build(replace(cfg, head_batch_norm=False), build_backbone(MODEL), "query")
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in plain.head.modules())
 
 
 def test_weight_decay_schedule_values():

@@ -116,6 +116,11 @@ class ObjectiveConfig:
     norm_last_layer: bool = _doc(
         True, "dino: fix the norm of the prototype layer (the reference's default; false for small ViTs)"
     )
+    head_batch_norm: bool = _doc(
+        False,
+        "dino: batch norm after the head's hidden layers (the reference's use_bn_in_head, its ResNet "
+        "setting; speeds up small ViTs trained briefly)",
+    )
     freeze_last_layer: float = _doc(
         0.01, "dino: fraction of training in which the prototype layer is not updated (reference: 1 epoch)"
     )

@@ -48,6 +48,7 @@ class DINO(nn.Module):
                 cfg.hidden_dim,
                 cfg.bottleneck_dim,
                 cfg.out_dim,
+                batch_norm=cfg.head_batch_norm,
                 freeze_last_layer=1,  # "epoch" 0 is the frozen span: see `cancel_gradients`
                 norm_last_layer=cfg.norm_last_layer,
             )
