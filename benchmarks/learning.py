@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
     return _write(rows, floors, seeds, out, runs)
 
 
-
 def _write(rows: list[dict], floors: dict, seeds: list[int], out: str, runs: Path) -> dict:
     seeds = sorted({*seeds, *(r["seed"] for r in rows)})
     result = {"seeds": seeds, "runs": str(runs), "floors": floors, "rows": rows}

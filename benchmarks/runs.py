@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+import yaml
+
 from accelvit.checkpoint import (
     METRICS,
     RECIPE,
@@ -22,7 +24,7 @@ from accelvit.checkpoint import (
     read_metrics,
     run_lock,
 )
-from accelvit.config import Config, ConfigError, load_config
+from accelvit.config import Config, ConfigError, changed_keys, load_config
 from accelvit.train import pretrain
 
 
@@ -74,9 +76,16 @@ def _finished(run_dir: Path, checkpoint: Path) -> bool:
     return any(r.get("step") == step and r.get("progress", 0) >= 1 for r in records)
 
 
+def recipe_key(cfg: Config) -> str:
+    """A run's identity in result files: the digest of its recipe's values that differ from the
+    defaults, so that finished runs stay found when accelvit adds a recipe key (whose default keeps
+    the old behaviour), and a run of a changed recipe does not."""
+    return hashlib.sha256(yaml.safe_dump(changed_keys(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def recipe_digest(run_dir: Path) -> str:
-    """What a cached result must match: the run's resolved recipe (a retrained run is scored again)."""
-    return hashlib.sha256((run_dir / RECIPE).read_bytes()).hexdigest()[:16]
+    """What a cached result must match: the key of the run's recipe (a retrained run is scored again)."""
+    return recipe_key(load_config(run_dir / RECIPE, check_paths=False))
 
 
 def training_minutes(run_dir: Path, step: int | None = None) -> float:

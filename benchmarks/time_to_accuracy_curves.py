@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import statistics
@@ -46,7 +45,7 @@ from accelvit.backbone import build_backbone  # noqa: E402
 from accelvit.budget import simulate, table_cost_fn  # noqa: E402
 from accelvit.build import flops_cost, recipe_shape  # noqa: E402
 from accelvit.checkpoint import RECIPE  # noqa: E402
-from accelvit.config import Config, dump_config, load_config  # noqa: E402
+from accelvit.config import Config, load_config  # noqa: E402
 from accelvit.evaluate import (  # noqa: E402
     evaluate_backbone,
     evaluate_run,
@@ -57,7 +56,7 @@ from accelvit.evaluate import (  # noqa: E402
 )
 from accelvit.setting import Setting  # noqa: E402
 from benchmarks.common import REPO, RESULTS, SMOKE_SCORED, device, write_result
-from benchmarks.runs import final_step, median_step_seconds, train_run  # noqa: E402
+from benchmarks.runs import final_step, median_step_seconds, recipe_key, train_run  # noqa: E402
 from benchmarks.time_to_accuracy import crossing, full_step_units  # noqa: E402
 
 FRACTIONS = {"baseline": (0.25, 0.5, 1.0, 2.0), "accel": (0.125, 0.25, 0.5, 1.0)}
@@ -101,11 +100,6 @@ def run_overrides(name: str, kind: str, fraction: float, seed: int, common: list
         return [*overrides, f"train.steps={max(1, round(fraction * steps))}"]
     units = full_step_units(recipe_of(name, "baseline"), common)
     return [*overrides, "train.steps=null", f"train.budget={fraction * steps * units}"]
-
-
-def recipe_key(cfg: Config) -> str:
-    """The digest of the resolved recipe a run directory is created with (`recipe.yaml`)."""
-    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
 
 
 def settings_taken(cfg: Config) -> Counter:
@@ -350,9 +344,8 @@ def measure_point(name: str, kind: str, fraction: float, seed: int, args, done: 
 
 
 def rekey(result: dict, runs: Path) -> None:
-    """Key each row by its run directory's recipe as this accelvit resolves it, and keep one row
-    per run: a key is the digest of the resolved recipe, which changes when accelvit adds a key
-    (with its default), and a finished run must not be scored twice for that."""
+    """Key each row by its run directory's recipe as this accelvit reads it, and keep one row per
+    run: a finished run is scored once, whatever the version that wrote its key."""
     kept = {}
     for r in result["rows"]:
         run_dir = runs / f"{r['objective']}-{r['kind']}-{r['fraction']:g}B-seed{r['seed']}"

@@ -429,3 +429,16 @@ def test_end_to_end_smoke(tmp_path):
     for side in ("baseline", "accel"):
         assert result[side]["steps"] == 6 and result[side]["wall_s"] > 0  # 4 windows of 2, the first untimed
     assert result["end_to_end"]["budget_ratio"] > 1  # the accelerated recipe's schedule compresses
+
+
+def test_a_runs_key_ignores_keys_at_their_defaults_and_follows_set_values():
+    from accelvit.config import load_config
+    from benchmarks.runs import recipe_key
+
+    from benchmarks.common import REPO
+
+    recipe = REPO / "recipes/dino-fmnist-baseline.yaml"
+    key = recipe_key(load_config(recipe, check_paths=False))
+    assert recipe_key(load_config(recipe, ["objective.head_batch_norm=false"], check_paths=False)) == key
+    assert recipe_key(load_config(recipe, ["objective.head_batch_norm=true"], check_paths=False)) != key
+    assert recipe_key(load_config(recipe, ["train.seed=1"], check_paths=False)) != key

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from accelvit.cli import main
-from accelvit.config import Config, ConfigError, describe_defaults, dump_config, load_config
+from accelvit.config import Config, ConfigError, changed_keys, describe_defaults, dump_config, load_config
 from tests.conftest import TINY, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,17 @@ def test_resolved_recipe_round_trips(tmp_path, tiny_config):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(tiny_config))
     assert load_config(path) == tiny_config
+
+
+def test_changed_keys_are_the_values_a_recipe_sets_apart_from_the_defaults(tiny_config):
+    assert changed_keys(Config()) == {}
+    changed = changed_keys(tiny_config)
+    assert changed["model"]["image_size"] == tiny_config.model.image_size
+    # a key left at its default (as one added by a later version) does not appear; a value set does
+    at_default = replace(tiny_config, objective=replace(tiny_config.objective, head_batch_norm=False))
+    assert changed_keys(at_default) == changed
+    set_ = changed_keys(replace(tiny_config, objective=replace(tiny_config.objective, head_batch_norm=True)))
+    assert set_["objective"]["head_batch_norm"] is True
 
 
 def test_scalar_ramp_means_constant(tmp_path):

@@ -10,7 +10,7 @@ recipe must satisfy) and `describe` (a recipe written back out, and `accelvit de
 """
 
 from accelvit.config.coercion import from_dict
-from accelvit.config.describe import defaults_markdown, describe_defaults, dump_config, to_dict
+from accelvit.config.describe import changed_keys, defaults_markdown, describe_defaults, dump_config, to_dict
 from accelvit.config.loading import apply_override, load_config, read_yaml
 from accelvit.config.schema import (
     COMPILE_KEEP_BUCKETS,
@@ -37,7 +37,7 @@ from accelvit.config.validation import patch_sizes, validate
 __all__ = [
     "COMPILE_KEEP_BUCKETS", "DATASETS", "SHAPES", "Config", "ConfigError", "CostConfig", "DataConfig",
     "Dataset", "EvalConfig", "ModelConfig", "ObjectiveConfig", "ObjectiveName", "OptimConfig",
-    "RampConfig", "ScheduleConfig", "Shape", "Tracker", "TrainConfig", "apply_override",
+    "RampConfig", "ScheduleConfig", "Shape", "Tracker", "TrainConfig", "apply_override", "changed_keys",
     "defaults_markdown", "describe_defaults", "dump_config", "from_dict", "load_config", "patch_sizes",
     "read_yaml", "to_dict", "validate",
 ]  # fmt: skip

@@ -18,6 +18,25 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def changed_keys(cfg: Config) -> dict:
+    """The values of `cfg` that differ from the defaults, nested as in a recipe: what identifies a run
+    across accelvit versions, since a key added later (with a default that keeps the old behaviour)
+    changes the resolved recipe but not this."""
+
+    def diff(value: dict, default: dict) -> dict:
+        out = {}
+        for key, v in value.items():
+            d = default.get(key)
+            if isinstance(v, dict) and isinstance(d, dict):
+                if nested := diff(v, d):
+                    out[key] = nested
+            elif v != d:
+                out[key] = v
+        return out
+
+    return diff(to_dict(cfg), to_dict(Config()))
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved recipe as YAML; loading it again gives an equal Config."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
