@@ -43,11 +43,13 @@ from benchmarks.common import REPO, RESULTS, device, write_result  # noqa: E402
 from benchmarks.runs import (  # noqa: E402
     cached_rows,
     earlier_result,
+    recipe_key,
     scored_run,
     train_run,
     training_minutes,
 )
 from benchmarks.time_to_accuracy import GPU, SMOKE, full_step_units  # noqa: E402
+from benchmarks.time_to_accuracy_curves import TRAINING  # noqa: E402
 
 FAMILIES = (
     "uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "plan-trained",
@@ -68,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--gpu", action="store_true")
     size.add_argument("--smoke", action="store_true")
     p.add_argument("-o", "--output", default=None)
+    p.add_argument(
+        "--curves",
+        default=str(RESULTS / "time_to_accuracy_curves-cpu.json"),
+        help="time_to_accuracy_curves results whose frontier points stand for the same runs here ('': none)",
+    )
     return p.parse_args(argv)
 
 
@@ -186,14 +193,17 @@ def family_overrides(
     the plan's stages for the plan."""
     baseline = REPO / f"recipes/{name}-fmnist-baseline.yaml"
     accel = REPO / f"recipes/{name}-fmnist-accel.yaml"
-    budgeted = [*common, "train.steps=null", f"train.budget={budget}", "train.eval_every=null"]
+    # as time_to_accuracy_curves trains its points, so that uncompressed and curriculum are the same
+    # runs as its frontier points at this budget (`frontier_row`)
+    budgeted = [*common, *TRAINING, "train.steps=null", f"train.budget={budget}"]
     base = _base_patch(baseline, common)
     mean = curriculum_mean_cost(accel, budgeted)
     cost = step_cost_fn(accel, budgeted)
     metric = "groups" if family.endswith("-groups") else "model"  # plan's and adaptive's
     metric = "descent" if family.startswith("descent") else metric
-    if family == "uncompressed":
-        return baseline, budgeted, {"estimator_minutes": 0.0}
+    if family == "uncompressed":  # the baseline's own schedule over as many steps as the budget buys
+        steps = round(budget / full_step_units(baseline, common))
+        return baseline, [*common, *TRAINING, f"train.steps={steps}"], {"estimator_minutes": 0.0}
     if family == "curriculum":
         return accel, budgeted, {"estimator_minutes": 0.0}
     if family == "constant":
@@ -234,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     earlier = earlier_result(out)
     cache, names, seed = cached_rows(earlier), args.objectives.split(","), args.seed
     families = args.families.split(",")
+    curves = earlier_result(args.curves).get("rows", []) if args.curves else []
     # the rows this call does not measure stay as they are (measured in sittings or lanes of their own)
     rows = [
         r for r in earlier.get("rows", [])
@@ -249,8 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
             fields = {"objective": name, "family": family, "fraction": args.fraction, "seed": seed}
             fields |= {"overrides": overrides, **extra}
             twin = _same_plan(rows, fields)
+            point = frontier_row(load_config(recipe, overrides, check_paths=False), curves, fields)
             if twin is not None:  # the same schedule at the same budget and seed trains the same run
                 row = {**twin, **fields, "same_run_as": twin["family"]}
+            elif point is not None:
+                row = point
             else:
                 splits = [] if size == "smoke" else FULL_SPLITS  # smoke: its synthetic splits
                 row = scored_run(recipe, overrides, run_dir, cache, fields, splits=splits)
@@ -262,6 +276,20 @@ def main(argv: list[str] | None = None) -> dict:
             write_result("schedule_families", {"size": size, "rows": rows}, out)
     print(format_table(rows))
     return write_result("schedule_families", {"size": size, "rows": rows}, out)
+
+
+def frontier_row(cfg, curves: list[dict], fields: dict) -> dict | None:
+    """The time_to_accuracy_curves point trained from the same recipe (its key) and scored on the
+    full splits, as a row of this table: uncompressed and curriculum are frontier points at this
+    budget. Its minutes are the curves' (each setting timed alone), not a shared machine's."""
+    key = recipe_key(cfg)
+    point = next((r for r in curves if r["run_recipe"] == key), None)
+    if point is None:
+        return None
+    scores = {"knn_top1": point["knn"], "linear_top1": point["linear"]}
+    scores |= {k: point[k] for k in ("step", "minutes", "knn_se", "linear_se", "test_size", "run_recipe")}
+    fixed = {"splits": FULL_SPLITS, "estimator_units": 0.0, "from": "time_to_accuracy_curves"}
+    return {**fields, **scores, **fixed}
 
 
 def _same_plan(rows: list[dict], fields: dict) -> dict | None:

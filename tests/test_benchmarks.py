@@ -266,7 +266,7 @@ def test_schedule_families_smoke(tmp_path):
     from accelvit.config import load_config
 
     runs = tmp_path / "runs" / "smoke"
-    budget = load_config(runs / "simclr-uncompressed-0.5" / "recipe.yaml").train.budget
+    budget = load_config(runs / "simclr-curriculum-0.5" / "recipe.yaml").train.budget
     assert load_config(runs / "simclr-plan-source" / "recipe.yaml").train.budget == budget / 4
     assert load_config(runs / "simclr-plan-trained-source" / "recipe.yaml").train.budget == budget
     trained = sorted((runs / "simclr-plan-trained-source/grad_error").glob("step_*.json"))
@@ -295,6 +295,26 @@ def test_schedule_families_smoke(tmp_path):
         ("plan", 1),
         ("plan", 0),
     ]
+
+
+def test_families_take_the_frontier_points_that_are_the_same_runs(tmp_path):
+    from benchmarks import schedule_families
+
+    runs = tmp_path / "runs"
+    argv = ["--smoke", "--objectives", "simclr", "--runs", str(runs), "--families", "uncompressed,curriculum"]
+    trained = written(tmp_path / "a.json", schedule_families.main([*argv, "-o", str(tmp_path / "a.json")]))
+    keys = {r["family"]: r["run_recipe"] for r in trained["rows"]}
+    curves = tmp_path / "curves.json"
+    point = {"knn": 0.9, "linear": 0.8, "knn_se": 0.003, "linear_se": 0.004, "test_size": 10000}
+    point |= {"step": 7, "minutes": 1.5, "run_recipe": keys["curriculum"]}
+    curves.write_text(json.dumps({"rows": [point]}))
+    shutil.rmtree(runs)  # the curriculum comes from the curves' row; the uncompressed run trains again
+    out = tmp_path / "b.json"
+    rows = written(out, schedule_families.main([*argv, "-o", str(out), "--curves", str(curves)]))["rows"]
+    taken, retrained = rows[1], rows[0]
+    assert (taken["family"], taken["knn_top1"], taken["linear_top1"], taken["step"]) == ("curriculum", 0.9, 0.8, 7)
+    assert taken["from"] == "time_to_accuracy_curves" and not (runs / "smoke/simclr-curriculum-0.5").exists()
+    assert retrained["run_recipe"] == keys["uncompressed"] and "from" not in retrained
 
 
 def test_a_plan_already_trained_is_not_trained_again():
@@ -433,9 +453,8 @@ def test_end_to_end_smoke(tmp_path):
 
 def test_a_runs_key_ignores_keys_at_their_defaults_and_follows_set_values():
     from accelvit.config import load_config
-    from benchmarks.runs import recipe_key
-
     from benchmarks.common import REPO
+    from benchmarks.runs import recipe_key
 
     recipe = REPO / "recipes/dino-fmnist-baseline.yaml"
     key = recipe_key(load_config(recipe, check_paths=False))
