@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -43,12 +44,21 @@ def _resampler(base: int) -> PatchEmbedResamplerFixedOrigSize:
     return _RESAMPLERS[base]
 
 
+# (kernel, device) pairs each resampler has prewarmed: asking timm again costs 14 us a forward
+_WARMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _prewarm(vit: VisionTransformer, patch: int) -> None:
     """The pseudo-inverse of `patch`'s resampling, computed eagerly: a graph about to be compiled
     then finds it cached and takes it as a constant."""
     base, kernel = vit.patch_embed.proj.kernel_size[0], patch // vit_stem_stride(vit)
-    if kernel != base:
-        _resampler(base).prewarm([kernel], vit.patch_embed.proj.weight.device)
+    if kernel == base:
+        return
+    resampler, device = _resampler(base), vit.patch_embed.proj.weight.device
+    warmed = _WARMED.setdefault(resampler, set())
+    if (kernel, device) not in warmed:
+        resampler.prewarm([kernel], device)
+        warmed.add((kernel, device))
 
 
 def vit_stem_stride(vit: VisionTransformer) -> int:

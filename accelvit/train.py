@@ -69,11 +69,12 @@ def train_step(
     clip_grad: float | None,
     precision: str,
     guard: Guard,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stop_requested: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward, backward, and, when loss and gradients are finite on every process (and `guard` has
     not halted the run), the optimizer step and momentum update; otherwise weights, optimizer state
     and buffers stay as they were. Decided on the device: nothing here waits for the host.
-    Returns (loss, gradient norm, ok), all on the device."""
+    Returns (loss, gradient norm, ok, whether any process was asked to stop), all on the device."""
     restore_buffers = buffer_restorer(model)
     loss = model(views, setting, progress)
     accelerator.backward(loss)
@@ -81,14 +82,16 @@ def train_step(
     accelerator.unwrap_model(model).cancel_gradients(progress)  # after clipping, as DINO's reference
     # fp16: gradient overflow is the loss scaler's business (it skips the step itself)
     finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16"))
+    # one all-reduce for both flags; the stop flag is filled, not copied: no host wait
+    flags = torch.stack([(~finite).float(), torch.full((), float(stop_requested), device=loss.device)])
     if accelerator.num_processes > 1:
-        finite = accelerator.reduce((~finite).float(), "max") == 0
-    ok = guard.admit(finite)
+        flags = accelerator.reduce(flags, "max")
+    ok = guard.admit(flags[0] == 0)
     optimizer_step(optimizer, ok)
     accelerator.unwrap_model(model).update_momentum(progress, ok)
     restore_buffers(unless=ok)  # a skipped forward put NaN into batch-norm statistics (DINO: its centre)
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, ok
+    return loss, grad_norm, ok, flags[1]
 
 
 class StopRequest:
@@ -157,13 +160,13 @@ def _pretrain(cfg: Config, run_dir: Path, resume: bool, stop: StopRequest) -> Ru
             # Forward, backward, step, momentum; a non-finite loss or gradient skips the step or stops
             before = (state.step, state.images_seen, state.budget_spent)
             with compiled_features(train.compile):
-                loss, grad_norm, ok = train_step(
+                loss, grad_norm, ok, stop_flag = train_step(
                     accelerator, run.model, run.optimizer, views, setting, progress, cfg.optim.clip_grad,
-                    train.precision, guard,
+                    train.precision, guard, stop.requested,
                 )  # fmt: skip
             _count_step(state, run.global_batch, step_units)
             meter.add(loss.detach(), run.global_batch, ok)
-            guard.record(loss, grad_norm, before, _stop_flag(accelerator, stop))
+            guard.record(loss, grad_norm, before, stop_flag)
             done = finished(train, state.step, state.budget_spent)
             # a signal: several processes learn of one from the flags, so all stop at the same step
             stopping = guard.stop_requested if accelerator.num_processes > 1 else stop.requested
@@ -282,12 +285,6 @@ def _count_step(state: TrainState, images: int, units: float) -> None:
     state.step += 1
     state.images_seen += images
     state.budget_spent += units
-
-
-def _stop_flag(accelerator: Accelerator, stop: StopRequest) -> torch.Tensor:
-    """Whether any process was asked to stop, as a device flag (filled, not copied: no host wait)."""
-    flag = torch.full((), float(stop.requested), device=accelerator.device)
-    return accelerator.reduce(flag, "max") if accelerator.num_processes > 1 else flag
 
 
 def _decision_value(decision: dict) -> str:

@@ -68,7 +68,7 @@ def step(name: str, poisoned: bool, guard: Guard):
 def test_a_step_reads_nothing_back_and_a_nonfinite_one_changes_nothing(name):
     model, optimizer, before, run = step(name, True, Guard(torch.device("cpu"), "skip", 3))
     with no_host_reads():
-        loss, _, ok = run()
+        loss, _, ok, _ = run()
     assert not torch.isfinite(loss) and not ok
     after = snapshot(model, optimizer)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -78,13 +78,27 @@ def test_a_step_reads_nothing_back_and_a_nonfinite_one_changes_nothing(name):
 @pytest.mark.parametrize("name", ["simclr", "mocov3", "dino"])
 def test_a_finite_step_updates_the_model_and_its_momentum_encoder(name):
     model, optimizer, before, run = step(name, False, Guard(torch.device("cpu"), "skip", 3))
-    _, _, ok = run()
+    _, _, ok, _ = run()
     assert ok
     after = snapshot(model, optimizer)
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
     teacher = {"simclr": set(), "mocov3": {"momentum_backbone"}, "dino": {"teacher_backbone", "criterion"}}
     assert {"backbone", *teacher[name]} <= changed
     assert all(int(s["step"]) == 2 for s in optimizer.state.values())
+
+
+def test_a_step_returns_the_stop_request_as_a_device_flag_without_reading_back():
+    model, optimizer, _, _ = step("simclr", False, Guard(torch.device("cpu"), "skip", 3))
+    accelerator, x = Accelerator(cpu=True), views("simclr", local=0)
+    guard = Guard(torch.device("cpu"), "skip", 3)
+    flags = []
+    for requested in (False, True):
+        with no_host_reads():
+            *_, stop = train_step(
+                accelerator, model, optimizer, x, Setting(1.0, MODEL.patch_size), 0.5, 1.0, "no", guard, requested
+            )
+        flags.append(stop)
+    assert [float(f) for f in flags] == [0.0, 1.0]
 
 
 def run_guard(policy: str, max_skipped: int, finite: list[bool], keep: int = 0):
