@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -273,9 +274,11 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(f"{name:>7} {family:>12}: kNN {row['knn_top1']:.4f}, linear {row['linear_top1']:.4f}, "
                   f"{row['step']} steps, {row['minutes']:.1f} min", flush=True)  # fmt: skip
-            write_result("schedule_families", {"size": size, "rows": rows}, out)
+            write_result("schedule_families", {"size": size, "rows": rows, "means": family_means(rows)}, out)
+    means = family_means(rows)
     print(format_table(rows))
-    return write_result("schedule_families", {"size": size, "rows": rows}, out)
+    print(format_means(means))
+    return write_result("schedule_families", {"size": size, "rows": rows, "means": means}, out)
 
 
 def frontier_row(cfg, curves: list[dict], fields: dict) -> dict | None:
@@ -301,6 +304,48 @@ def _same_plan(rows: list[dict], fields: dict) -> dict | None:
         if all(r.get(k) == fields[k] for k in keys) and r.get("seed", 0) == fields["seed"]:
             return r
     return None
+
+
+def family_means(rows: list[dict]) -> list[dict]:
+    """Per objective and family, kNN and linear top-1 averaged over seeds, with the standard error of
+    the mean, and the difference to the hand curriculum's mean with its standard error: within one
+    standard error it is a tie. Rows scored on the full splits only (they carry standard errors)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if "knn_se" in r:
+            groups.setdefault((r["objective"], r["family"]), []).append(r)
+    means = {}
+    for (objective, family), group in groups.items():
+        n = len(group)
+        mean = {"objective": objective, "family": family, "seeds": sorted(r.get("seed", 0) for r in group)}
+        for metric in ("knn", "linear"):
+            mean[metric] = sum(r[f"{metric}_top1"] for r in group) / n
+            mean[f"{metric}_se"] = math.sqrt(sum(r[f"{metric}_se"] ** 2 for r in group)) / n
+        means[objective, family] = mean
+    for (objective, family), mean in means.items():
+        hand = means.get((objective, "curriculum")) if family != "curriculum" else None
+        for metric in ("knn", "linear") if hand else ():
+            diff = mean[metric] - hand[metric]
+            se = math.hypot(mean[f"{metric}_se"], hand[f"{metric}_se"])
+            verdict = "tie" if abs(diff) <= se else "better" if diff > 0 else "worse"
+            mean[f"{metric}_vs_curriculum"] = {"diff": diff, "se": se, "verdict": verdict}
+    return list(means.values())
+
+
+def format_means(means: list[dict]) -> str:
+    lines = [
+        "| objective | family | seeds | kNN top-1 | vs curriculum | linear top-1 | vs curriculum |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in means:
+        cells = []
+        for metric in ("knn", "linear"):
+            cells.append(f"{m[metric]:.4f} ± {m[f'{metric}_se']:.4f}")
+            versus = m.get(f"{metric}_vs_curriculum")
+            cells.append(f"{versus['diff']:+.4f} ({versus['verdict']})" if versus else "-")
+        seeds = ",".join(map(str, m["seeds"]))
+        lines.append(f"| {m['objective']} | {m['family']} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:

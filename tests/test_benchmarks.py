@@ -317,6 +317,29 @@ def test_families_take_the_frontier_points_that_are_the_same_runs(tmp_path):
     assert retrained["run_recipe"] == keys["uncompressed"] and "from" not in retrained
 
 
+def test_family_means_average_seeds_and_read_ties_within_one_standard_error():
+    from benchmarks.schedule_families import family_means
+
+    def row(family, seed, knn, linear):
+        return {"objective": "simclr", "family": family, "seed": seed, "knn_top1": knn, "linear_top1": linear,
+                "knn_se": 0.004, "linear_se": 0.003}  # fmt: skip
+
+    rows = [
+        row("curriculum", 0, 0.850, 0.830), row("curriculum", 1, 0.852, 0.834),
+        row("descent-plan", 0, 0.860, 0.832), row("descent-plan", 1, 0.858, 0.833),
+        {"objective": "simclr", "family": "random", "seed": 0, "knn_top1": 0.9, "linear_top1": 0.9},  # 2k split
+    ]  # fmt: skip
+    means = {m["family"]: m for m in family_means(rows)}
+    assert set(means) == {"curriculum", "descent-plan"}
+    hand, new = means["curriculum"], means["descent-plan"]
+    assert (hand["seeds"], hand["knn"], hand["linear"]) == ([0, 1], pytest.approx(0.851), pytest.approx(0.832))
+    assert hand["knn_se"] == pytest.approx(0.004 / math.sqrt(2))
+    assert "knn_vs_curriculum" not in hand
+    knn, linear = new["knn_vs_curriculum"], new["linear_vs_curriculum"]
+    assert knn["diff"] == pytest.approx(0.008) and knn["se"] == pytest.approx(0.004)
+    assert (knn["verdict"], linear["verdict"]) == ("better", "tie")
+
+
 def test_a_plan_already_trained_is_not_trained_again():
     from benchmarks.schedule_families import _same_plan
 
