@@ -479,8 +479,8 @@ def test_a_runs_key_ignores_keys_at_their_defaults_and_follows_set_values():
     from benchmarks.common import REPO
     from benchmarks.runs import recipe_key
 
-    recipe = REPO / "recipes/dino-fmnist-baseline.yaml"
+    recipe = REPO / "recipes/mocov3-fmnist-baseline.yaml"
     key = recipe_key(load_config(recipe, check_paths=False))
-    assert recipe_key(load_config(recipe, ["objective.head_batch_norm=false"], check_paths=False)) == key
-    assert recipe_key(load_config(recipe, ["objective.head_batch_norm=true"], check_paths=False)) != key
+    assert recipe_key(load_config(recipe, ["eval.k=20"], check_paths=False)) == key  # the default
+    assert recipe_key(load_config(recipe, ["eval.k=10"], check_paths=False)) != key
     assert recipe_key(load_config(recipe, ["train.seed=1"], check_paths=False)) != key
