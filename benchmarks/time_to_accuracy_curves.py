@@ -56,7 +56,7 @@ from accelvit.evaluate import (  # noqa: E402
 )
 from accelvit.setting import Setting  # noqa: E402
 from benchmarks.common import REPO, RESULTS, SMOKE_SCORED, device, write_result
-from benchmarks.runs import final_step, median_step_seconds, recipe_key, train_run  # noqa: E402
+from benchmarks.runs import final_step, median_step_seconds, recipe_digest, recipe_key, train_run  # noqa: E402
 from benchmarks.time_to_accuracy import crossing, full_step_units  # noqa: E402
 
 FRACTIONS = {"baseline": (0.25, 0.5, 1.0, 2.0), "accel": (0.125, 0.25, 0.5, 1.0)}
@@ -350,7 +350,7 @@ def rekey(result: dict, runs: Path) -> None:
     for r in result["rows"]:
         run_dir = runs / f"{r['objective']}-{r['kind']}-{r['fraction']:g}B-seed{r['seed']}"
         if (run_dir / RECIPE).is_file():
-            r["run_recipe"] = recipe_key(load_config(run_dir / RECIPE, check_paths=False))
+            r["run_recipe"] = recipe_digest(run_dir)
         kept.setdefault(r["run_recipe"], r)
     result["rows"] = list(kept.values())
 
