@@ -21,6 +21,10 @@ under the strategy (first order minus the second-order penalty of its noise, `gr
 of cost. CA-MSE counts bias as pure error and credits the extra steps a cheap setting buys only
 through its variance; descent per unit cost credits both where they act, on the loss.
 
+A fourth, `lookahead` (adaptive runs only, `accelvit.lookahead`), measures it instead of predicting
+it: each candidate trains from the current state for the same budget, and the full-input loss on
+held-out batches is read after; its rows hold the loss decrease per unit of that budget already.
+
 A CA-MSE measured on K batches has a standard error (the report's jackknife `ca_mse_se`). Candidates
 whose CA-MSE is within one combined standard error of the lowest are tied, and the tie rule keeps the
 previous stage's choice if it is among them, else takes the lowest CA-MSE: a noisy ranking should not
@@ -42,13 +46,14 @@ from accelvit.config import ConfigError
 from accelvit.setting import Setting, setting_of
 
 NOISE_Z = 1.0  # candidates within this many combined standard errors of the lowest CA-MSE are tied
-METRICS = ("model", "groups", "descent")
+METRICS = ("model", "groups", "descent")  # what a grad-error report holds; adaptive runs add lookahead
+PER_COST = ("descent", "lookahead")  # the metrics that rank a gain per unit cost (higher is better)
 
 
 @dataclass(frozen=True)
 class Choice:
     setting: Setting
-    ca_mse: float  # the metric's value, lower is better: CA-MSE, or minus descent per unit cost
+    ca_mse: float  # the metric's value, lower is better: CA-MSE, or minus the gain per unit cost
     runner_up: Setting | None
     runner_up_ca_mse: float | None
     tied: tuple[Setting, ...] = field(default=())  # candidates within noise of the lowest CA-MSE
@@ -68,7 +73,7 @@ class Choice:
         return (self.runner_up_ca_mse - self.ca_mse) / abs(self.ca_mse)
 
     def to_dict(self) -> dict:
-        key, sign = ("descent_per_cost", -1) if self.metric == "descent" else ("ca_mse", 1)
+        key, sign = (f"{self.metric}_per_cost", -1) if self.metric in PER_COST else ("ca_mse", 1)
         return {
             **asdict(self.setting),
             "metric": self.metric,
@@ -87,11 +92,13 @@ def ca_mse_table(
     """Setting -> CA-MSE for each strategy of `report` and for full input, in `metric` (see above).
 
     `cost(setting)` gives the relative cost c; by default the report's own `ca_mse` (measured cost).
-    `descent`: minus the descent per unit cost, so that lower is better here too.
+    `descent`, `lookahead`: minus the gain per unit cost, so that lower is better here too (a
+    candidate that diverged, NaN, ranks last).
     """
     full = Setting(1.0, base_patch)
-    if metric == "descent":
-        return {s: -d for s, d in _descent_per_cost(report, base_patch, cost, "descent").items()}
+    if metric in PER_COST:
+        gains = _per_cost(report, base_patch, cost, metric)
+        return {s: math.inf if math.isnan(d) else -d for s, d in gains.items()}
     if metric == "groups":
         tables = [ca_mse_table(sub, base_patch, cost) for sub in _group_reports(report).values()]
         return {s: sum(t[s] / t[full] for t in tables) / len(tables) for s in tables[0]}
@@ -118,8 +125,8 @@ def ca_mse_errors(
     upper bound), taking the full-input noise that sets a group's unit as exact.
     """
     full = Setting(1.0, base_patch)
-    if metric == "descent":
-        return _descent_per_cost(report, base_patch, cost, "descent_se")
+    if metric in PER_COST:
+        return _per_cost(report, base_patch, cost, f"{metric}_se")
     if metric == "groups":
         subs = list(_group_reports(report).values())
         units = [ca_mse_table(sub, base_patch, cost)[full] for sub in subs]
@@ -147,22 +154,24 @@ def ca_mse_errors(
     return errors
 
 
-def _descent_per_cost(
+def _per_cost(
     report: dict, base_patch: int, cost: Callable[[Setting], float] | None, key: str
 ) -> dict[Setting, float | None]:
-    """Setting -> the report's `key` (descent, or its standard error) over the relative cost; full
-    input costs 1."""
+    """Setting -> the report's `key` (descent or lookahead, or its standard error) per unit cost; full
+    input costs 1. Descent is per step, so it is divided by the relative cost; lookahead rows are per
+    unit cost already (the candidates trained for equal budgets)."""
+    metric = key.removesuffix("_se")
     rows = report["strategies"]
-    if not rows or any("descent" not in r for r in rows):
+    if not rows or any(metric not in r for r in rows):
         raise ConfigError(
-            f"grad-error report of step {report.get('step')} has no descent (measured by an earlier "
+            f"grad-error report of step {report.get('step')} has no {metric} (measured by an earlier "
             "accelvit): measure it again, or plan with --metric model"
         )
-    full_key = key.replace("descent", "descent_full")
+    full_key = key.replace(metric, f"{metric}_full")
     table = {Setting(1.0, base_patch): rows[0][full_key]}
     for row in rows:
         setting = setting_of(row)
-        c = row["cost"] if cost is None else cost(setting)
+        c = 1.0 if metric == "lookahead" else row["cost"] if cost is None else cost(setting)
         table[setting] = None if row[key] is None else row[key] / c
     return table
 

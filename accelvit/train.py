@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
 
 from accelvit.budget import finished, progress_of
 from accelvit.build import Run, build_run, estimate_at
@@ -41,14 +40,16 @@ from accelvit.distributed import (
     stalled_message,
 )
 from accelvit.evaluate import evaluate_backbone
+from accelvit.lookahead import lookahead
 from accelvit.metrics import Meter, advance, append_jsonl, log_record, progress_bar, show
 from accelvit.monitor import collapse_warning
-from accelvit.nonfinite import Guard, optimizer_step
-from accelvit.objectives import buffer_restorer, encoder_name
-from accelvit.plan import choose_stage
+from accelvit.nonfinite import Guard
+from accelvit.objectives import encoder_name
+from accelvit.plan import PER_COST, choose_stage
 from accelvit.report import write_grad_report
 from accelvit.schedule import current_setting, due, due_points, lr_at, weight_decay_at
 from accelvit.setting import Setting, setting_of, stem_stride
+from accelvit.step import train_step
 from accelvit.trackers import finish_trackers, log_grad_report, log_scalars
 
 
@@ -57,41 +58,6 @@ class RunResult:
     run_dir: Path
     step: int
     stopped: bool  # True when a signal ended the run before its end
-
-
-def train_step(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    views: list[torch.Tensor],
-    setting: Setting,
-    progress: float,
-    clip_grad: float | None,
-    precision: str,
-    guard: Guard,
-    stop_requested: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward, backward, and, when loss and gradients are finite on every process (and `guard` has
-    not halted the run), the optimizer step and momentum update; otherwise weights, optimizer state
-    and buffers stay as they were. Decided on the device: nothing here waits for the host.
-    Returns (loss, gradient norm, ok, whether any process was asked to stop), all on the device."""
-    restore_buffers = buffer_restorer(model)
-    loss = model(views, setting, progress)
-    accelerator.backward(loss)
-    grad_norm = _grad_norm(accelerator, model, clip_grad)
-    accelerator.unwrap_model(model).cancel_gradients(progress)  # after clipping, as DINO's reference
-    # fp16: gradient overflow is the loss scaler's business (it skips the step itself)
-    finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16"))
-    # one all-reduce for both flags; the stop flag is filled, not copied: no host wait
-    flags = torch.stack([(~finite).float(), torch.full((), float(stop_requested), device=loss.device)])
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, "max")
-    ok = guard.admit(flags[0] == 0)
-    optimizer_step(optimizer, ok)
-    accelerator.unwrap_model(model).update_momentum(progress, ok)
-    restore_buffers(unless=ok)  # a skipped forward put NaN into batch-norm statistics (DINO: its centre)
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, ok, flags[1]
 
 
 class StopRequest:
@@ -272,7 +238,7 @@ def _measure(cfg: Config, run: Run, run_dir: Path, progress: float, bar) -> None
         done = [d["stage"] for d in state.decisions]
         for stage in due_points(cfg.schedule.stages, progress, done):
             decision = _decide(
-                cfg, accelerator, objective, optimizer, run.images, run.candidates, run.cost, state, stage,
+                cfg, accelerator, run.model, optimizer, run.images, run.candidates, run.cost, state, stage,
                 progress,
             )  # fmt: skip
             if main:
@@ -288,8 +254,9 @@ def _count_step(state: TrainState, images: int, units: float) -> None:
 
 
 def _decision_value(decision: dict) -> str:
-    if "descent_per_cost" in decision:
-        return f"descent per unit cost {decision['descent_per_cost']:.3e}"
+    for metric in PER_COST:
+        if f"{metric}_per_cost" in decision:
+            return f"{metric} per unit cost {decision[f'{metric}_per_cost']:.3e}"
     return f"CA-MSE {decision['ca_mse']:.3e}"
 
 
@@ -319,14 +286,6 @@ def _done_message(state: TrainState, run_dir: Path) -> str:
 
 class NonFiniteError(RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step and values."""
-
-
-def _grad_norm(accelerator: Accelerator, model: torch.nn.Module, clip: float | None) -> torch.Tensor:
-    """Global gradient norm (clipped to `clip` if given), NaN or inf if any gradient is."""
-    if clip is not None:
-        return accelerator.clip_grad_norm_(model.parameters(), clip)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def _stop_nonfinite(
@@ -370,25 +329,33 @@ def _check_bad_files(bad: list[str], policy: str, state: TrainState, main: bool)
 
 
 def _decide(
-    cfg, accelerator, objective, optimizer, images, candidates, cost, state: TrainState, stage: float,
+    cfg, accelerator, model, optimizer, images, candidates, cost, state: TrainState, stage: float,
     progress: float,
 ) -> dict:  # fmt: skip
     """Measure the candidates on the current model (`schedule.adaptive_metric`) and record the best
     as the next stage."""
+    objective = accelerator.unwrap_model(model)
     base = cfg.model.patch_size
     k, batch = cfg.schedule.adaptive_batches, cfg.train.batch_size
     metric = cfg.schedule.adaptive_metric
-    descent = metric == "descent"
-    report = estimate_at(
-        objective, cfg, accelerator, candidates, k, state.step, progress, images, optimizer, descent
-    )
     previous = setting_of(state.decisions[-1]) if state.decisions else None
+    if metric == "lookahead":
+        # a candidate the monotone rule excludes is not worth its training steps
+        floor = cost(previous) if previous is not None and cfg.schedule.monotone else 0.0
+        allowed = [s for s in candidates if cost(s) >= floor - 1e-12]
+        report = lookahead(cfg, accelerator, model, optimizer, images, allowed, cost, state.step, progress)
+        units = report["units"]
+    else:
+        descent = metric == "descent"
+        report = estimate_at(
+            objective, cfg, accelerator, candidates, k, state.step, progress, images, optimizer, descent
+        )
+        # the estimator ran K batches of `batch` images at full input and at every candidate, and for
+        # the descent criterion each process two more at full input (its curvature probes)
+        units = k * batch * sum(cost(s) for s in [Setting(1.0, base), *candidates])
+        if descent:
+            units += 2 * accelerator.num_processes * batch * cost(Setting(1.0, base))
     choice = choose_stage(report, cost, base, previous, cfg.schedule.monotone, metric)
-    # the estimator ran K batches of `batch` images at full input and at every candidate, and for
-    # the descent criterion each process two more at full input (its curvature probes)
-    units = k * batch * sum(cost(s) for s in [Setting(1.0, base), *candidates])
-    if descent:
-        units += 2 * accelerator.num_processes * batch * cost(Setting(1.0, base))
     state.budget_spent += units
     state.estimator_spent += units
     decision = {
@@ -398,5 +365,10 @@ def _decide(
         **choice.to_dict(),
         "estimator_units": units,
     }
+    if metric == "lookahead":  # what each candidate did, for reading the choice later
+        decision["measured"] = {
+            setting_of(r).label: {k: r[k] for k in ("lookahead", "lookahead_se", "steps")}
+            for r in report["strategies"]
+        }
     state.decisions.append(decision)
     return decision

@@ -20,7 +20,10 @@ For each objective (SimCLR first), at `--fraction` of the baseline recipe's budg
 - adaptive-groups: the same with `schedule.adaptive_metric: groups`;
 - descent-plan, descent-adaptive: the descent criterion (expected loss decrease of an AdamW step per
   unit cost, `accelvit plan --metric descent`), planned from the whole-budget run's reports and
-  measured by the run itself.
+  measured by the run itself;
+- lookahead-adaptive: `schedule.adaptive_metric: lookahead`, each stage trains every allowed candidate
+  for the same budget from the run's state and keeps the one whose held-out full-input loss fell most
+  (4 full-input steps' worth each, 4 held-out batches: about the descent-adaptive run's overhead).
 Every run is scored on the full splits (kNN over the 60,000 training images tested on the 10,000
 test images, and a linear probe), each figure with its standard error.
 Every run is scored by kNN top-1 and a linear probe; the table gives training minutes, steps and what
@@ -55,7 +58,9 @@ from benchmarks.time_to_accuracy_curves import TRAINING  # noqa: E402
 FAMILIES = (
     "uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "plan-trained",
     "plan-trained-groups", "adaptive", "adaptive-groups", "descent-plan", "descent-adaptive",
+    "lookahead-adaptive",
 )  # fmt: skip
+LOOKAHEAD = ["schedule.lookahead_steps=4", "schedule.adaptive_batches=4"]  # ~10% of a B/4 budget
 FULL_SPLITS = ["eval.train_limit=null", "eval.test_limit=null"]
 STAGES = (0.0, 0.25, 0.5, 0.75)
 
@@ -202,6 +207,7 @@ def family_overrides(
     cost = step_cost_fn(accel, budgeted)
     metric = "groups" if family.endswith("-groups") else "model"  # plan's and adaptive's
     metric = "descent" if family.startswith("descent") else metric
+    metric = "lookahead" if family.startswith("lookahead") else metric
     if family == "uncompressed":  # the baseline's own schedule over as many steps as the budget buys
         steps = round(budget / full_step_units(baseline, common))
         return baseline, [*common, *TRAINING, f"train.steps={steps}"], {"estimator_minutes": 0.0}
@@ -221,12 +227,13 @@ def family_overrides(
         path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed, metric, trained)
         settings = ["schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"]
         return accel, [*budgeted, *settings], {"estimator_minutes": round(minutes, 3), "plan": stages}
-    if family in ("adaptive", "adaptive-groups", "descent-adaptive"):
+    if family in ("adaptive", "adaptive-groups", "descent-adaptive", "lookahead-adaptive"):
         settings = [
             "schedule.mode=adaptive",
             f"schedule.stages={list(STAGES)}",
             f"schedule.candidates={_candidates(base)}",
             f"schedule.adaptive_metric={metric}",
+            *(LOOKAHEAD if metric == "lookahead" else []),
         ]
         return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
     raise ValueError(family)

@@ -276,6 +276,9 @@ def test_schedule_families_smoke(tmp_path):
     assert len(rows["descent-plan"]["plan"].split(", ")) == len(schedule_families.STAGES)
     decisions = (runs / "simclr-descent-adaptive-0.5" / "schedule_decisions.jsonl").read_text().splitlines()
     assert {json.loads(d)["metric"] for d in decisions} == {"descent"}
+    decisions = (runs / "simclr-lookahead-adaptive-0.5" / "schedule_decisions.jsonl").read_text().splitlines()
+    assert {json.loads(d)["metric"] for d in decisions} == {"lookahead"}
+    assert rows["lookahead-adaptive"]["estimator_units"] > 0
     assert all(r["test_size"] > 0 and r["knn_se"] > 0 for r in rows.values())
     # a second seed joins the first's rows in the same JSON, in run directories of its own
     again = written(out, schedule_families.main([*argv, "--seed", "1", "--families", "uncompressed,plan"]))

@@ -48,7 +48,9 @@ FLOORS = {
     "accelvit.diagnostics": 9,
     "accelvit.embed": 9,
     "accelvit.trackers": 9,
+    "accelvit.step": 7,
     "accelvit.build": 10,
+    "accelvit.lookahead": 10.5,
     "accelvit.train": 11,
     "accelvit.cli": 12,
 }

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The CLI, plus: at each checkpoint every rank also dumps its own weights, to compare the ranks.
 HARNESS = """
-import sys, torch
+import json, sys, torch
 import accelvit.checkpoint as checkpoint
 
 real_save = checkpoint.save_checkpoint
@@ -29,6 +29,8 @@ def save(accelerator, run_dir, state, *args, **kwargs):
     model = accelerator.unwrap_model(accelerator._models[0])
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.save(params, run_dir / f"rank{accelerator.process_index}_step{state.step}.pt")
+    decisions = run_dir / f"rank{accelerator.process_index}_decisions_step{state.step}.json"
+    decisions.write_text(json.dumps(state.decisions))
     return path
 
 checkpoint.save_checkpoint = save  # what checkpoint.save calls
@@ -203,3 +205,23 @@ def test_two_nodes_train_as_two_processes_of_one_node_and_resume_on_one(runs):
     launch(tmp, 1, "resume", str(nodes))
     state = json.loads((nodes / "checkpoints/step_6/trainer_state.json").read_text())
     assert state["step"] == 6 and state["images_seen"] == 3 * 8 + 3 * 4
+
+
+def test_an_adaptive_lookahead_run_decides_alike_on_both_ranks(tmp_path):
+    # each rank trains its share of the lookahead steps' global batches and reads its share of the
+    # held-out loss; the averaged losses, so the decisions and the schedule after them, are the same
+    from tests.conftest import TINY, write_recipe
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    run = tmp_path / "run"
+    options = [
+        "train.batch_size=4", "train.steps=null", f"train.budget={16 * 6 * 8}", "schedule.mode=adaptive",
+        "schedule.stages=[0.0, 0.5]", "schedule.candidates=0.5:4,0.25:8", "schedule.adaptive_batches=2",
+        "schedule.adaptive_metric=lookahead", "schedule.lookahead_steps=1",
+    ]  # fmt: skip
+    launch(tmp_path, 2, "pretrain", str(recipe), "-o", str(run), *[a for o in options for a in ("--set", o)])
+    step = records(run)[-1]["step"]
+    decisions = [json.loads((run / f"rank{r}_decisions_step{step}.json").read_text()) for r in (0, 1)]
+    assert decisions[0] == decisions[1] and [d["stage"] for d in decisions[0]] == [0.0, 0.5]
+    rank0, rank1 = (torch.load(run / f"rank{r}_step{step}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

@@ -16,7 +16,7 @@ from accelvit.checkpoint import TrainState
 from accelvit.config import OptimConfig
 from accelvit.nonfinite import Guard
 from accelvit.setting import Setting
-from accelvit.train import train_step
+from accelvit.step import train_step
 from tests.test_objectives import MODEL, build, views
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")

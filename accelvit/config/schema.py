@@ -192,10 +192,16 @@ class ScheduleConfig:
         8, "adaptive: batches (K) the estimator averages over at each stage (8: benchmarks/estimator_noise)"
     )
     monotone: bool = _doc(True, "adaptive: never pick a cheaper (more compressed) strategy than before")
-    adaptive_metric: Literal["model", "groups", "descent"] = _doc(
+    adaptive_metric: Literal["model", "groups", "descent", "lookahead"] = _doc(
         "model",
-        "adaptive: CA-MSE of the whole gradient (model) or per parameter group, averaged (groups), or "
-        "the expected loss decrease of an AdamW step per unit cost (descent)",
+        "adaptive: CA-MSE of the whole gradient (model) or per parameter group, averaged (groups), "
+        "the expected loss decrease of an AdamW step per unit cost (descent), or the full-input loss "
+        "decrease after training each candidate for the same budget from the current state (lookahead; "
+        "`adaptive_batches` held-out batches)",
+    )
+    lookahead_steps: int = _doc(
+        8,
+        "adaptive lookahead: each candidate's training budget, full-input steps (1/c as many at cost c)",
     )
     file: str | None = _doc(
         None, "YAML file with schedule keys (e.g. written by `accelvit plan`); its keys win over the recipe's"

@@ -70,6 +70,7 @@ SIZE_LIMITS = {
     "train.batch_size": 65536,
     "train.grad_error_batches": 4096,
     "schedule.adaptive_batches": 4096,
+    "schedule.lookahead_steps": 4096,
     "eval.batch_size": 65536,
     "cost.repeats": 1000,
     "schedule.keep_buckets": 1024,
@@ -214,6 +215,7 @@ def _check_schedule(s: ScheduleConfig, m: ModelConfig) -> None:
     )
     _validate_strategies(s.candidates, "schedule.candidates", allowed)
     _require(s.adaptive_batches >= 2, "schedule.adaptive_batches", s.adaptive_batches, "must be >= 2")
+    _require(s.lookahead_steps >= 1, "schedule.lookahead_steps", s.lookahead_steps, "must be >= 1")
 
 
 def _check_optim(op: OptimConfig) -> None:

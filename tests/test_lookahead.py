@@ -1,0 +1,133 @@
+"""The lookahead criterion: equal budgets per candidate, no trace on the run, and adaptive runs with it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from accelvit.build import build_model, build_optimizer, flops_cost
+from accelvit.checkpoint import create_run_dir
+from accelvit.config import load_config
+from accelvit.data import load_dataset
+from accelvit.lookahead import FORWARD_SHARE, lookahead, lookahead_steps
+from accelvit.plan import ca_mse_table
+from accelvit.setting import Setting, parse_strategies
+from accelvit.train import pretrain
+
+FULL, HALF, QUARTER_8 = Setting(1.0, 4), Setting(0.5, 4), Setting(0.25, 8)
+
+
+def parts(cfg):
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer, load_dataset(cfg.data)
+
+
+def test_each_candidate_trains_for_the_same_budget():
+    cost = {FULL: 6.0, HALF: 3.1, QUARTER_8: 0.4}.__getitem__
+    assert lookahead_steps(cost, [FULL, HALF, QUARTER_8], FULL, 4) == {FULL: 4, HALF: 8, QUARTER_8: 60}
+    assert lookahead_steps(cost, [FULL], FULL, 1) == {FULL: 1}
+    assert lookahead_steps({FULL: 1.0, HALF: 3.0}.__getitem__, [HALF], FULL, 1) == {HALF: 1}  # at least one
+
+
+def test_lookahead_leaves_no_trace_is_deterministic_and_counts_its_cost(tiny_recipe):
+    cfg = load_config(tiny_recipe, ["schedule.lookahead_steps=2", "schedule.adaptive_batches=3"])
+    accelerator, model, optimizer, images = parts(cfg)
+    objective = accelerator.unwrap_model(model)
+    # give the optimizer a state of its own first: lookahead must put it back too
+    views = [torch.rand(8, 3, 16, 16) for _ in range(2)]
+    model(views, FULL, 0.5).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    weights = {k: v.clone() for k, v in objective.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
+    rng = torch.get_rng_state()
+    cost = flops_cost(cfg)
+
+    report = lookahead(cfg, accelerator, model, optimizer, images, [HALF, QUARTER_8], cost, 3, 0.5)
+
+    assert all(torch.equal(v, objective.state_dict()[k]) for k, v in weights.items())
+    after = optimizer.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for i, s in state["state"].items():
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    again = lookahead(cfg, accelerator, model, optimizer, images, [HALF, QUARTER_8], cost, 3, 0.5)
+    assert [r["lookahead"] for r in again["strategies"]] == [r["lookahead"] for r in report["strategies"]]
+
+    rows = {Setting(r["keep"], r["patch"], r["merge"]): r for r in report["strategies"]}
+    steps = {s: r["steps"] for s, r in rows.items()}
+    assert steps == lookahead_steps(cost, [FULL, HALF, QUARTER_8], FULL, 2) and steps[QUARTER_8] > steps[HALF] > 2
+    forwards = 4 * 3 * 8 * cost(FULL) * FORWARD_SHARE  # before, and after each of the 3 candidates
+    assert report["units"] == pytest.approx(sum(n * 8 * cost(s) for s, n in steps.items()) + forwards)
+    assert report["batches"] == 3 and report["loss_before"] > 0
+    assert all(r["lookahead_se"] > 0 for r in rows.values())
+    # plan's lookahead metric ranks minus the gain; rows are per unit cost already
+    assert ca_mse_table(report, 4, cost, "lookahead") == {s: -r["lookahead"] for s, r in rows.items()}
+
+
+def test_a_lookahead_gain_is_zero_without_training_and_moves_with_it(tiny_recipe):
+    # training switched off (a vanishing rate): the weights do not move, every gain is exactly 0
+    options = ["schedule.lookahead_steps=1", "schedule.adaptive_batches=2"]
+    cfg = load_config(tiny_recipe, [*options, "optim.lr=1e-30"])
+    accelerator, model, optimizer, images = parts(cfg)
+    still = lookahead(cfg, accelerator, model, optimizer, images, [HALF], flops_cost(cfg), 0, 0.5)
+    assert [r["lookahead"] for r in still["strategies"]] == [0.0, 0.0]
+    # at the recipe's rate the same steps move the held-out loss, each candidate its own way
+    cfg = load_config(tiny_recipe, options)
+    accelerator, model, optimizer, images = parts(cfg)
+    moved = lookahead(cfg, accelerator, model, optimizer, images, [HALF], flops_cost(cfg), 0, 0.5)
+    full, half = (r["lookahead"] for r in moved["strategies"])
+    assert full != 0 and half != 0 and full != half
+    assert moved["loss_before"] == still["loss_before"]  # the same start, the same held-out batches
+
+
+def test_adaptive_lookahead_run_decides_counts_and_resumes_bit_exactly(tmp_path, tiny_recipe):
+    options = [
+        "train.steps=null", f"train.budget={24 * 6.0 * 8}", "schedule.mode=adaptive", "schedule.stages=[0.0, 0.5]",
+        "schedule.candidates=0.5:4,0.25:8", "schedule.adaptive_batches=2", "schedule.adaptive_metric=lookahead",
+        "schedule.lookahead_steps=1", "train.checkpoint_every=2",
+    ]  # fmt: skip
+    cfg = load_config(tiny_recipe, options)
+    run_dir = tmp_path / "run"
+    create_run_dir(run_dir, cfg)
+    pretrain(cfg, run_dir)
+    decisions = [json.loads(line) for line in (run_dir / "schedule_decisions.jsonl").read_text().splitlines()]
+    assert [d["stage"] for d in decisions] == [0.0, 0.5]
+    cost = flops_cost(cfg)
+    for d in decisions:
+        assert d["metric"] == "lookahead"
+        measured = {parse_strategies(label)[0]: m for label, m in d["measured"].items()}
+        assert d["lookahead_per_cost"] == max(m["lookahead"] for m in measured.values()) or d["tied"]
+        # each candidate trained one full-input step's worth; held-out forwards before and after each
+        steps = sum(m["steps"] * 8 * cost(s) for s, m in measured.items())
+        forwards = (len(measured) + 1) * 2 * 8 * cost(FULL) * FORWARD_SHARE
+        assert d["estimator_units"] == pytest.approx(steps + forwards)
+    # monotone: the second stage measures only what costs at least the first choice
+    first = Setting(decisions[0]["keep"], decisions[0]["patch"])
+    assert len(decisions[0]["measured"]) == 3
+    assert all(cost(parse_strategies(label)[0]) >= cost(first) for label in decisions[1]["measured"])
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    log = [r for r in lines if "loss" in r]
+    assert log[-1]["estimator_spent"] == pytest.approx(sum(d["estimator_units"] for d in decisions))
+    final = load_file(str(run_dir / f"checkpoints/step_{log[-1]['step']}/model.safetensors"))
+
+    # resume from before the second decision: it is taken again, identically, and so is the rest
+    before = max(s for s in range(2, decisions[1]["step"] + 1, 2))
+    for path in (run_dir / "checkpoints").iterdir():
+        if int(path.name[5:]) > before:
+            shutil.rmtree(path)
+    pretrain(cfg, run_dir, resume=True)
+    again = [json.loads(line) for line in (run_dir / "schedule_decisions.jsonl").read_text().splitlines()]
+    assert again == decisions
+    resumed = load_file(str(run_dir / f"checkpoints/step_{log[-1]['step']}/model.safetensors"))
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
