@@ -9,12 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from accelvit.build import flops_cost
 from accelvit.checkpoint import create_run_dir
 from accelvit.config import ConfigError, load_config
+from accelvit.lookahead import FORWARD_SHARE
+from accelvit.setting import Setting, parse_strategies
 from accelvit.train import pretrain
 
 # One uncompressed SimCLR step of the tiny recipe costs 6 units per image (2 views, forward + backward).
 FULL_STEP = 6.0 * 8
+FULL = Setting(1.0, 4)
 
 
 def records(run_dir) -> list[dict]:
@@ -102,7 +106,7 @@ ADAPTIVE = [
 
 def test_adaptive_run_decides_logs_and_resumes_bit_exactly_across_a_decision(tmp_path, tiny_recipe):
     cfg, run_dir = run(tmp_path, tiny_recipe, ADAPTIVE)
-    decisions = [json.loads(line) for line in (run_dir / "schedule_decisions.jsonl").read_text().splitlines()]
+    decisions = decisions_of(run_dir)
     assert [d["stage"] for d in decisions] == [0.0, 0.5]
     assert decisions[0]["step"] == 0 and decisions[1]["progress"] >= 0.5
     for d in decisions:
@@ -122,21 +126,56 @@ def test_adaptive_run_decides_logs_and_resumes_bit_exactly_across_a_decision(tmp
         >= costs[(decisions[0]["keep"], decisions[0]["patch"])]
     )
     assert log[-1]["estimator_spent"] == pytest.approx(sum(d["estimator_units"] for d in decisions))
-    final = load_file(str(run_dir / f"checkpoints/step_{log[-1]['step']}/model.safetensors"))
+    assert_resumes_across(cfg, run_dir, decisions, first)
 
-    # Resume from the checkpoint just before the second decision: it is taken again, identically.
-    before = max(s for s in range(0, first + 1, 2) if s > 0)
+
+def decisions_of(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "schedule_decisions.jsonl").read_text().splitlines()]
+
+
+def assert_resumes_across(cfg, run_dir, decisions: list[dict], step: int) -> None:
+    """Resumed from the checkpoint just before the decision at `step` (checkpoints every 2 steps),
+    the run takes it again, identically, and ends with the same log and weights, bit for bit."""
+    log = records(run_dir)
+    final = load_file(str(run_dir / f"checkpoints/step_{log[-1]['step']}/model.safetensors"))
+    before = max(s for s in range(0, step + 1, 2) if s > 0)
     for path in (run_dir / "checkpoints").iterdir():
         if int(path.name[5:]) > before:
             shutil.rmtree(path)
     pretrain(cfg, run_dir, resume=True)
-    again = [json.loads(line) for line in (run_dir / "schedule_decisions.jsonl").read_text().splitlines()]
-    assert again == decisions
+    assert decisions_of(run_dir) == decisions
     assert [(r["step"], r["loss"], r["budget_spent"]) for r in records(run_dir)] == [
         (r["step"], r["loss"], r["budget_spent"]) for r in log
     ]
     resumed = load_file(str(run_dir / f"checkpoints/step_{log[-1]['step']}/model.safetensors"))
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_adaptive_lookahead_run_decides_counts_and_resumes_bit_exactly(tmp_path, tiny_recipe):
+    options = [
+        f"train.budget={24 * FULL_STEP}", "schedule.mode=adaptive", "schedule.stages=[0.0, 0.5]",
+        "schedule.candidates=0.5:4,0.25:8", "schedule.adaptive_batches=2", "schedule.adaptive_metric=lookahead",
+        "schedule.lookahead_steps=1", "train.checkpoint_every=2",
+    ]  # fmt: skip
+    cfg, run_dir = run(tmp_path, tiny_recipe, options)
+    decisions = decisions_of(run_dir)
+    assert [d["stage"] for d in decisions] == [0.0, 0.5]
+    cost = flops_cost(cfg)
+    for d in decisions:
+        assert d["metric"] == "lookahead"
+        measured = {parse_strategies(label)[0]: m for label, m in d["measured"].items()}
+        assert d["lookahead_per_cost"] == max(m["lookahead"] for m in measured.values()) or d["tied"]
+        # each candidate trained one full-input step's worth; held-out forwards before and after each
+        steps = sum(m["steps"] * 8 * cost(s) for s, m in measured.items())
+        forwards = (len(measured) + 1) * 2 * 8 * cost(FULL) * FORWARD_SHARE
+        assert d["estimator_units"] == pytest.approx(steps + forwards)
+    # monotone: the second stage measures only what costs at least the first choice
+    first = Setting(decisions[0]["keep"], decisions[0]["patch"])
+    assert len(decisions[0]["measured"]) == 3
+    assert all(cost(parse_strategies(label)[0]) >= cost(first) for label in decisions[1]["measured"])
+    log = records(run_dir)
+    assert log[-1]["estimator_spent"] == pytest.approx(sum(d["estimator_units"] for d in decisions))
+    assert_resumes_across(cfg, run_dir, decisions, decisions[1]["step"])
 
 
 def test_adaptive_run_with_the_groups_metric_ranks_in_units_of_full_input_noise(tmp_path, tiny_recipe):
