@@ -407,8 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric",
         default="model",
         help="model (CA-MSE of the whole gradient, the default), groups (each parameter group's in "
-        "units of its own full-input noise, averaged: no group's raw gradient size decides) or descent "
-        "(the full-input loss decrease of one AdamW step on a batch, per unit cost)",
+        "units of its own full-input noise, averaged: no group's raw gradient size decides), descent "
+        "(the full-input loss decrease of one AdamW step on a batch, per unit cost) or lookahead (the "
+        "held-out full-input loss decrease after a few steps, per unit cost: reports of a run with "
+        "train.grad_error_lookahead)",
     )
     p.set_defaults(func=_plan)
 

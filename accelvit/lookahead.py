@@ -34,7 +34,7 @@ from accelvit.config import Config
 from accelvit.nonfinite import Guard
 from accelvit.objectives import buffer_restorer
 from accelvit.schedule import lr_at, weight_decay_at
-from accelvit.setting import Setting
+from accelvit.setting import Setting, setting_of
 from accelvit.step import train_step
 
 HELD_OUT_SEED = 7_919  # held-out batches come from another permutation of the training split
@@ -56,10 +56,11 @@ def lookahead(
     cost: CostFn,
     step: int,
     progress: float,
+    batches: int,
 ) -> dict:
     """A report in the grad-error report's shape (`strategies` rows, `lookahead_full`) for `plan`'s
     `lookahead` metric: per candidate the held-out full-input loss decrease per unit of budget, per
-    full-input step's worth (`lookahead`), its standard error over the held-out batches
+    full-input step's worth (`lookahead`), its standard error over the `batches` held-out batches
     (`lookahead_se`), and the steps it took. `units`: the budget all of it spent (training steps and
     held-out forward passes), for the run to count. `model` is the run's (wrapped) model."""
     started = time.perf_counter()
@@ -76,7 +77,7 @@ def lookahead(
         cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + HELD_OUT_SEED)
     )
     stream = build_stream(held_cfg, images, accelerator, step)
-    held_out = [views for views, _ in islice(stream, cfg.schedule.adaptive_batches)]
+    held_out = [views for views, _ in islice(stream, batches)]
     # during warm-up, the rate it ends at: a stage chosen there runs mostly at the rates after it
     lr = lr_at(cfg.optim, max(progress, cfg.optim.warmup))
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
@@ -113,6 +114,19 @@ def lookahead(
         "units": training + forwards,
         "wall_s": time.perf_counter() - started,
     }
+
+
+def with_lookahead(report: dict, measured: dict) -> dict:
+    """A grad-error report with the lookahead rows of `measured` joined to its strategies' rows (and
+    full input's), so that `accelvit plan --metric lookahead` reads it; `lookahead` keeps the rest."""
+    keys = ("lookahead", "lookahead_se", "lookahead_full", "lookahead_full_se")
+    found = {setting_of(r): r for r in measured["strategies"]}
+    rows = [{**row, **{k: found[setting_of(row)][k] for k in keys}} for row in report["strategies"]]
+    extra = {
+        k: measured[k] for k in ("steps", "lr", "batches", "loss_before", "units", "wall_s") if k in measured
+    }
+    extra["steps"] = {setting_of(r).label: r["steps"] for r in measured["strategies"]}
+    return {**report, "strategies": rows, "lookahead": extra}
 
 
 def _train(cfg: Config, accelerator, model, optimizer, images, setting: Setting, steps: int, step: int,

@@ -21,9 +21,10 @@ under the strategy (first order minus the second-order penalty of its noise, `gr
 of cost. CA-MSE counts bias as pure error and credits the extra steps a cheap setting buys only
 through its variance; descent per unit cost credits both where they act, on the loss.
 
-A fourth, `lookahead` (adaptive runs only, `accelvit.lookahead`), measures it instead of predicting
-it: each candidate trains from the current state for the same budget, and the full-input loss on
-held-out batches is read after; its rows hold the loss decrease per unit of that budget already.
+A fourth, `lookahead` (`accelvit.lookahead`), measures it instead of predicting it: each candidate
+trains from the current state for the same budget, and the full-input loss on held-out batches is
+read after; its rows hold the loss decrease per unit of that budget already. Adaptive runs measure it
+at each stage; a run's reports carry it with `train.grad_error_lookahead`.
 
 A CA-MSE measured on K batches has a standard error (the report's jackknife `ca_mse_se`). Candidates
 whose CA-MSE is within one combined standard error of the lowest are tied, and the tie rule keeps the
@@ -46,7 +47,7 @@ from accelvit.config import ConfigError
 from accelvit.setting import Setting, setting_of
 
 NOISE_Z = 1.0  # candidates within this many combined standard errors of the lowest CA-MSE are tied
-METRICS = ("model", "groups", "descent")  # what a grad-error report holds; adaptive runs add lookahead
+METRICS = ("model", "groups", "descent", "lookahead")  # lookahead: runs with train.grad_error_lookahead
 PER_COST = ("descent", "lookahead")  # the metrics that rank a gain per unit cost (higher is better)
 
 
@@ -163,9 +164,10 @@ def _per_cost(
     metric = key.removesuffix("_se")
     rows = report["strategies"]
     if not rows or any(metric not in r for r in rows):
+        how = "a run with train.grad_error_lookahead: true" if metric == "lookahead" else "this accelvit"
         raise ConfigError(
-            f"grad-error report of step {report.get('step')} has no {metric} (measured by an earlier "
-            "accelvit): measure it again, or plan with --metric model"
+            f"grad-error report of step {report.get('step')} has no {metric}: measure it with {how}, "
+            "or plan with --metric model"
         )
     full_key = key.replace(metric, f"{metric}_full")
     table = {Setting(1.0, base_patch): rows[0][full_key]}
@@ -334,8 +336,8 @@ def write_schedule(path: Path, schedule: dict, sources: list[str]) -> None:
 
 
 def format_plan(stages: list[tuple[float, Choice]]) -> str:
-    descent = bool(stages) and stages[0][1].metric == "descent"
-    name, sign = ("descent/c", -1) if descent else ("CA-MSE", 1)
+    metric = stages[0][1].metric if stages else "model"
+    name, sign = (f"{metric}/c", -1) if metric in PER_COST else ("CA-MSE", 1)
     lines = [f"{'from':>6}  {'choice':>10}  {name:>10}  {'runner-up':>10}  {name:>10}  {'margin':>7}  tied"]
     for progress, c in stages:
         up = c.runner_up.label if c.runner_up else "-"

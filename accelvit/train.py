@@ -40,7 +40,7 @@ from accelvit.distributed import (
     stalled_message,
 )
 from accelvit.evaluate import evaluate_backbone
-from accelvit.lookahead import lookahead
+from accelvit.lookahead import lookahead, with_lookahead
 from accelvit.metrics import Meter, advance, append_jsonl, log_record, progress_bar, show
 from accelvit.monitor import collapse_warning
 from accelvit.nonfinite import Guard
@@ -228,6 +228,12 @@ def _measure(cfg: Config, run: Run, run_dir: Path, progress: float, bar) -> None
             objective, cfg, accelerator, run.grad_error_strategies, train.grad_error_batches, state.step,
             progress, run.images, optimizer,
         )  # fmt: skip
+        if train.grad_error_lookahead:
+            measured = lookahead(
+                cfg, accelerator, run.model, optimizer, run.images, run.grad_error_strategies, run.cost,
+                state.step, progress, train.grad_error_batches,
+            )  # fmt: skip
+            report = with_lookahead(report, measured)
         state.grad_error_done.append(point)
         if main:
             write_grad_report(report, run_dir / GRAD_ERROR / f"step_{state.step}.json")
@@ -343,7 +349,7 @@ def _decide(
         # a candidate the monotone rule excludes is not worth its training steps
         floor = cost(previous) if previous is not None and cfg.schedule.monotone else 0.0
         allowed = [s for s in candidates if cost(s) >= floor - 1e-12]
-        report = lookahead(cfg, accelerator, model, optimizer, images, allowed, cost, state.step, progress)
+        report = lookahead(cfg, accelerator, model, optimizer, images, allowed, cost, state.step, progress, k)
         units = report["units"]
     else:
         descent = metric == "descent"

@@ -5,17 +5,21 @@ Adaptive runs that decide by it: tests/test_budgeted_runs.py."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from accelvit.build import build_model, build_optimizer, flops_cost
-from accelvit.config import load_config
+from accelvit.checkpoint import create_run_dir, read_metrics
+from accelvit.config import ConfigError, load_config
 from accelvit.data import load_dataset
 from accelvit.lookahead import FORWARD_SHARE, lookahead, lookahead_steps
-from accelvit.plan import ca_mse_table
+from accelvit.plan import ca_mse_table, plan
 from accelvit.setting import Setting
+from accelvit.train import pretrain
 
 FULL, HALF, QUARTER_8 = Setting(1.0, 4), Setting(0.5, 4), Setting(0.25, 8)
 
@@ -37,7 +41,7 @@ def test_each_candidate_trains_for_the_same_budget():
 
 
 def test_lookahead_leaves_no_trace_is_deterministic_and_counts_its_cost(tiny_recipe):
-    cfg = load_config(tiny_recipe, ["schedule.lookahead_steps=2", "schedule.adaptive_batches=3"])
+    cfg = load_config(tiny_recipe, ["schedule.lookahead_steps=2"])
     accelerator, model, optimizer, images = parts(cfg)
     objective = accelerator.unwrap_model(model)
     # give the optimizer a state of its own first: lookahead must put it back too
@@ -50,7 +54,7 @@ def test_lookahead_leaves_no_trace_is_deterministic_and_counts_its_cost(tiny_rec
     rng = torch.get_rng_state()
     cost = flops_cost(cfg)
 
-    report = lookahead(cfg, accelerator, model, optimizer, images, [HALF, QUARTER_8], cost, 3, 0.5)
+    report = lookahead(cfg, accelerator, model, optimizer, images, [HALF, QUARTER_8], cost, 3, 0.5, 3)
 
     assert all(torch.equal(v, objective.state_dict()[k]) for k, v in weights.items())
     after = optimizer.state_dict()
@@ -58,7 +62,7 @@ def test_lookahead_leaves_no_trace_is_deterministic_and_counts_its_cost(tiny_rec
     for i, s in state["state"].items():
         assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items())
     assert torch.equal(torch.get_rng_state(), rng)
-    again = lookahead(cfg, accelerator, model, optimizer, images, [HALF, QUARTER_8], cost, 3, 0.5)
+    again = lookahead(cfg, accelerator, model, optimizer, images, [HALF, QUARTER_8], cost, 3, 0.5, 3)
     assert [r["lookahead"] for r in again["strategies"]] == [r["lookahead"] for r in report["strategies"]]
 
     rows = {Setting(r["keep"], r["patch"], r["merge"]): r for r in report["strategies"]}
@@ -74,15 +78,41 @@ def test_lookahead_leaves_no_trace_is_deterministic_and_counts_its_cost(tiny_rec
 
 def test_a_lookahead_gain_is_zero_without_training_and_moves_with_it(tiny_recipe):
     # training switched off (a vanishing rate): the weights do not move, every gain is exactly 0
-    options = ["schedule.lookahead_steps=1", "schedule.adaptive_batches=2"]
+    options = ["schedule.lookahead_steps=1"]
     cfg = load_config(tiny_recipe, [*options, "optim.lr=1e-30"])
     accelerator, model, optimizer, images = parts(cfg)
-    still = lookahead(cfg, accelerator, model, optimizer, images, [HALF], flops_cost(cfg), 0, 0.5)
+    still = lookahead(cfg, accelerator, model, optimizer, images, [HALF], flops_cost(cfg), 0, 0.5, 2)
     assert [r["lookahead"] for r in still["strategies"]] == [0.0, 0.0]
     # at the recipe's rate the same steps move the held-out loss, each candidate its own way
     cfg = load_config(tiny_recipe, options)
     accelerator, model, optimizer, images = parts(cfg)
-    moved = lookahead(cfg, accelerator, model, optimizer, images, [HALF], flops_cost(cfg), 0, 0.5)
+    moved = lookahead(cfg, accelerator, model, optimizer, images, [HALF], flops_cost(cfg), 0, 0.5, 2)
     full, half = (r["lookahead"] for r in moved["strategies"])
     assert full != 0 and half != 0 and full != half
     assert moved["loss_before"] == still["loss_before"]  # the same start, the same held-out batches
+
+
+def test_reports_carry_lookahead_for_plan_and_the_run_trains_as_without(tmp_path, tiny_recipe):
+    # measuring at 1/2 changes nothing in training: the same losses and the same final weights
+    runs = {}
+    for name, extra in (("plain", []), ("measured", ["train.grad_error_lookahead=true"])):
+        cfg = load_config(tiny_recipe, ["train.grad_error_at=[0.5]", "train.grad_error_batches=2", *extra])
+        create_run_dir(tmp_path / name, cfg)
+        pretrain(cfg, tmp_path / name)
+        runs[name] = tmp_path / name
+    losses = {n: [r["loss"] for r in read_metrics(d) if "loss" in r] for n, d in runs.items()}
+    assert losses["plain"] == losses["measured"]
+    weights = {n: load_file(str(d / "checkpoints/step_6/model.safetensors")) for n, d in runs.items()}
+    assert all(torch.equal(weights["plain"][k], weights["measured"][k]) for k in weights["plain"])
+
+    (path,) = (runs["measured"] / "grad_error").glob("step_*.json")
+    report = json.loads(path.read_text())
+    assert report["lookahead"]["batches"] == 2 and report["lookahead"]["units"] > 0
+    assert all({"lookahead", "lookahead_se", "lookahead_full"} <= set(row) for row in report["strategies"])
+    ((start, choice),) = plan([report], 4, "flops", "lookahead")
+    assert start == report["progress"] and choice.metric == "lookahead"
+    table = ca_mse_table(report, 4, None, "lookahead")
+    assert choice.setting in table and choice.ca_mse == table[choice.setting]
+    (plain,) = (runs["plain"] / "grad_error").glob("step_*.json")
+    with pytest.raises(ConfigError, match="train.grad_error_lookahead"):
+        plan([json.loads(plain.read_text())], 4, "flops", "lookahead")

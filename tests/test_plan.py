@@ -244,5 +244,5 @@ def test_descent_ties_within_noise_keep_the_previous_choice():
 
 
 def test_descent_of_a_report_without_it_is_one_clear_error():
-    with pytest.raises(ConfigError, match=r"^grad-error report of step 75 has no descent .*--metric model$"):
+    with pytest.raises(ConfigError, match=r"^grad-error report of step 75 has no descent: .*--metric model$"):
         plan([LATE], 4, "flops", "descent")

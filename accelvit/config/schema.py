@@ -246,6 +246,12 @@ class TrainConfig:
     grad_error_strategies: str | None = _doc(
         None, "keep:patch[:merge] list for the estimator, e.g. 0.5:4,0.25:8,1:4:0.2 (null: a default grid)"
     )
+    grad_error_lookahead: bool = _doc(
+        False,
+        "at each grad_error_at point also measure the lookahead criterion (every strategy trains "
+        "schedule.lookahead_steps full steps' worth, undone after; K held-out batches), for "
+        "`accelvit plan --metric lookahead`",
+    )
     checkpoint_every: int = _doc(200, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _doc(2, "how many of the newest checkpoints to keep")
     compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = _doc(
