@@ -96,10 +96,9 @@ def lookahead(
                 scaler.load_state_dict(saved_scaler)
     training = sum(steps[s] * global_batch * cost(s) for s in settings)
     forwards = (len(settings) + 1) * len(held_out) * global_batch * cost(full) * FORWARD_SHARE
-    mean, se = (lambda g: float(g.mean())), (lambda g: float(g.std() / math.sqrt(len(g))))
     rows = [
-        {**dataclasses.asdict(s), "cost": cost(s) / cost(full), "steps": steps[s], "lookahead": mean(g),
-         "lookahead_se": se(g)}
+        {**dataclasses.asdict(s), "cost": cost(s) / cost(full), "steps": steps[s],
+         "lookahead": float(g.mean()), "lookahead_se": float(g.std() / math.sqrt(len(g)))}
         for s, g in gains.items()
     ]  # fmt: skip
     for row in rows:
@@ -122,9 +121,7 @@ def with_lookahead(report: dict, measured: dict) -> dict:
     keys = ("lookahead", "lookahead_se", "lookahead_full", "lookahead_full_se")
     found = {setting_of(r): r for r in measured["strategies"]}
     rows = [{**row, **{k: found[setting_of(row)][k] for k in keys}} for row in report["strategies"]]
-    extra = {
-        k: measured[k] for k in ("steps", "lr", "batches", "loss_before", "units", "wall_s") if k in measured
-    }
+    extra = {k: measured[k] for k in ("lr", "batches", "loss_before", "units", "wall_s")}
     extra["steps"] = {setting_of(r).label: r["steps"] for r in measured["strategies"]}
     return {**report, "strategies": rows, "lookahead": extra}
 
