@@ -1,7 +1,7 @@
 """accelvit's training step at keep 1 and the base patch against a plain lightly + timm SimCLR step.
 
 The plain step is written here the way lightly's own SimCLR example writes it (timm ViT,
-`SimCLRProjectionHead`, `NTXentLoss`, AdamW). accelvit's step is `train.train_step`, the loop's own
+`SimCLRProjectionHead`, `NTXentLoss`, AdamW). accelvit's step is `step.train_step`, the loop's own
 (resampled-kernel patch embedding, finiteness check, buffer snapshot), through an `Accelerator`. Both
 start from the same weights and take the same batch; steps alternate, and the ratio of the medians
 is reported (target <= 1.03), with peak memory: allocated on a GPU, resident (RSS, each step in a
@@ -61,7 +61,7 @@ def build_steps(args: argparse.Namespace) -> dict:
     from accelvit.config import Config
     from accelvit.nonfinite import Guard
     from accelvit.setting import Setting
-    from accelvit.train import train_step
+    from accelvit.step import train_step
 
     dev = device()
     model_cfg, objective_cfg = model_config(args), ObjectiveConfig()
