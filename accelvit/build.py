@@ -72,6 +72,12 @@ def build_stream(
         yield batch_views(loaded, specs, train.seed, step, rank, accelerator.device), bad
 
 
+def seed_tokens(cfg: Config, step: int) -> None:
+    """Seed the token subsets of a measuring pass over batch `step` (the estimator's, the lookahead's),
+    so that they are the same whenever it is measured, resumed or not."""
+    torch.manual_seed(cfg.train.seed * 1_000_003 + step)
+
+
 def strategies(cfg: Config) -> tuple[list[Setting], list[Setting]]:
     """The estimator's strategies (`train.grad_error_strategies`) and the adaptive schedule's
     candidates (`schedule.candidates`, full input left out: it is always a candidate)."""
@@ -185,7 +191,7 @@ def estimate_at(
 
     def batches() -> Iterator[list[torch.Tensor]]:
         for (k, _), (views, _, _) in zip(mine, loader, strict=True):
-            torch.manual_seed(cfg.train.seed * 1_000_003 + step + k)  # token subsets of batch k
+            seed_tokens(cfg, step + k)  # token subsets of batch k
             # batch k's views as the run's first process draws them (data.augment: device)
             yield batch_views(views, specs, cfg.train.seed, step + k, 0, accelerator.device)
 

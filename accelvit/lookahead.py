@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from accelvit.budget import CostFn
-from accelvit.build import build_stream
+from accelvit.build import build_stream, seed_tokens
 from accelvit.compress import compiled_features
 from accelvit.config import Config
 from accelvit.nonfinite import Guard
@@ -135,7 +135,7 @@ def _train(cfg: Config, accelerator, model, optimizer, images, setting: Setting,
     guard = Guard(accelerator.device, "skip", steps + 1)  # a diverging candidate shows in its loss
     stream = build_stream(cfg, images, accelerator, step)
     for k, (views, _) in enumerate(islice(stream, steps)):
-        torch.manual_seed(cfg.train.seed * 1_000_003 + step + k)  # token subsets of lookahead step k
+        seed_tokens(cfg, step + k)  # token subsets of lookahead step k
         with compiled_features(cfg.train.compile):
             train_step(accelerator, model, optimizer, views, setting, progress, cfg.optim.clip_grad,
                        cfg.train.precision, guard)  # fmt: skip
