@@ -452,7 +452,9 @@ def test_curve_to_curve_crossing_and_bounds():
     ]
     points = speedups(rows, "knn", "budget")
     assert points[0]["ratio"] == pytest.approx(math.sqrt(32) / 1.0) and points[0]["bracketed"]
-    assert points[1] == {"budget": 2.0, "knn": 0.75, "ratio": 4.0, "bracketed": False, "bound": "lower"}
+    assert points[1] == {
+        "fraction": 2, "seeds": 1, "budget": 2.0, "knn": 0.75, "ratio": 4.0, "bracketed": False, "bound": "lower"
+    }  # fmt: skip
 
 
 def test_data_path_smoke(tmp_path):
