@@ -11,6 +11,14 @@ objective's loss at full input is read on held-out batches, and the state is put
 whose loss fell most per unit of that budget wins, with `accelvit.plan`'s tie rule. More, cheaper steps
 and a model trained on compressed inputs count where they act: on the loss of the model evaluated.
 
+A few steps also see what a switch does once: a new setting first costs loss (the model meets token
+dropout or a new patch size), and full input first gains it quickly (the model re-fits the input it
+is evaluated on, which the curriculum's last stage gives it anyway). A stage lasts hundreds of steps,
+so its rate matters, not those transients: `schedule.lookahead_settle` trains that share of each
+candidate's budget first and reads the decrease over the rest (schedule_families' SimCLR run without
+it left patch 8 for full input at 1/4, where token dropout lost loss over 8 steps and full input
+gained twice 1:8's).
+
 Everything it does is undone: weights, buffers, optimizer state, learning rates and the RNG. It is
 deterministic in (seed, step), so a resumed run takes the same decision.
 """
@@ -81,23 +89,30 @@ def lookahead(
     # during warm-up, the rate it ends at: a stage chosen there runs mostly at the rates after it
     lr = lr_at(cfg.optim, max(progress, cfg.optim.warmup))
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    settled = {s: min(n - 1, round(n * cfg.schedule.lookahead_settle)) for s, n in steps.items()}
     with torch.random.fork_rng(devices=devices):
         before = _held_out_losses(accelerator, objective, held_out, full, progress)
         gains = {}
         for s in settings:
-            _train(cfg, accelerator, model, optimizer, images, s, steps[s], step, progress, lr)
-            # per held-out batch, the loss decrease per full-input step's worth of budget
-            gains[s] = (before - _held_out_losses(accelerator, objective, held_out, full, progress)) / (
-                cfg.schedule.lookahead_steps
-            )
+            batches, first = build_stream(cfg, images, accelerator, step), settled[s]
+            start = before
+            if first:
+                _train(cfg, accelerator, model, optimizer, batches, s, first, step, progress, lr)
+                start = _held_out_losses(accelerator, objective, held_out, full, progress)
+            rest = steps[s] - first
+            _train(cfg, accelerator, model, optimizer, batches, s, rest, step + first, progress, lr)
+            # per held-out batch, the loss decrease per full-input step's worth of the budget read over
+            worth = cfg.schedule.lookahead_steps * rest / steps[s]
+            gains[s] = (start - _held_out_losses(accelerator, objective, held_out, full, progress)) / worth
             objective.load_state_dict(saved_model)
             optimizer.load_state_dict(copy.deepcopy(saved_optimizer))  # load_state_dict may alias tensors
             if scaler is not None:
                 scaler.load_state_dict(saved_scaler)
     training = sum(steps[s] * global_batch * cost(s) for s in settings)
-    forwards = (len(settings) + 1) * len(held_out) * global_batch * cost(full) * FORWARD_SHARE
+    readings = 1 + len(settings) + sum(1 for n in settled.values() if n)
+    forwards = readings * len(held_out) * global_batch * cost(full) * FORWARD_SHARE
     rows = [
-        {**dataclasses.asdict(s), "cost": cost(s) / cost(full), "steps": steps[s],
+        {**dataclasses.asdict(s), "cost": cost(s) / cost(full), "steps": steps[s], "settle_steps": settled[s],
          "lookahead": float(g.mean()), "lookahead_se": float(g.std() / math.sqrt(len(g)))}
         for s, g in gains.items()
     ]  # fmt: skip
@@ -126,15 +141,15 @@ def with_lookahead(report: dict, measured: dict) -> dict:
     return {**report, "strategies": rows, "lookahead": extra}
 
 
-def _train(cfg: Config, accelerator, model, optimizer, images, setting: Setting, steps: int, step: int,
+def _train(cfg: Config, accelerator, model, optimizer, batches, setting: Setting, steps: int, step: int,
            progress: float, lr: float) -> None:  # fmt: skip
-    """`steps` steps at `setting` on the run's next batches, at `lr` and the stage's weight decay."""
+    """`steps` steps at `setting` on the next of the run's `batches` (the first is batch `step`), at
+    `lr` and the stage's weight decay."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.param_groups[0]["weight_decay"] = weight_decay_at(cfg.optim, progress)
     guard = Guard(accelerator.device, "skip", steps + 1)  # a diverging candidate shows in its loss
-    stream = build_stream(cfg, images, accelerator, step)
-    for k, (views, _) in enumerate(islice(stream, steps)):
+    for k, (views, _) in enumerate(islice(batches, steps)):
         seed_tokens(cfg, step + k)  # token subsets of lookahead step k
         with compiled_features(cfg.train.compile):
             train_step(accelerator, model, optimizer, views, setting, progress, cfg.optim.clip_grad,

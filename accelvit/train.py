@@ -373,7 +373,7 @@ def _decide(
     }
     if metric == "lookahead":  # what each candidate did, for reading the choice later
         decision["measured"] = {
-            setting_of(r).label: {key: r[key] for key in ("lookahead", "lookahead_se", "steps")}
+            setting_of(r).label: {key: r[key] for key in ("lookahead", "lookahead_se", "steps", "settle_steps")}
             for r in report["strategies"]
         }
     state.decisions.append(decision)

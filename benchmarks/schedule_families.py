@@ -23,7 +23,10 @@ For each objective (SimCLR first), at `--fraction` of the baseline recipe's budg
   measured by the run itself;
 - lookahead-adaptive: `schedule.adaptive_metric: lookahead`, each stage trains every allowed candidate
   for the same budget from the run's state and keeps the one whose held-out full-input loss fell most
-  (4 full-input steps' worth each, 4 held-out batches: about the descent-adaptive run's overhead).
+  (4 full-input steps' worth each, 4 held-out batches: about the descent-adaptive run's overhead);
+- lookahead-settled-adaptive: the same read over 4 steps' worth after 4 steps' worth of settling
+  (`schedule.lookahead_settle: 0.5`), so a switch's transient does not decide the stage (twice the
+  training of lookahead-adaptive's stages).
 Every run is scored on the full splits (kNN over the 60,000 training images tested on the 10,000
 test images, and a linear probe), each figure with its standard error.
 Every run is scored by kNN top-1 and a linear probe; the table gives training minutes, steps and what
@@ -58,9 +61,14 @@ from benchmarks.time_to_accuracy_curves import TRAINING  # noqa: E402
 FAMILIES = (
     "uncompressed", "curriculum", "constant", "random", "plan", "plan-groups", "plan-trained",
     "plan-trained-groups", "adaptive", "adaptive-groups", "descent-plan", "descent-adaptive",
-    "lookahead-adaptive",
+    "lookahead-adaptive", "lookahead-settled-adaptive",
 )  # fmt: skip
-LOOKAHEAD = ["schedule.lookahead_steps=4", "schedule.adaptive_batches=4"]  # ~10% of a B/4 budget
+LOOKAHEAD = {
+    "lookahead-adaptive": ["schedule.lookahead_steps=4", "schedule.adaptive_batches=4"],  # ~10% of B/4
+    "lookahead-settled-adaptive": [
+        "schedule.lookahead_steps=8", "schedule.lookahead_settle=0.5", "schedule.adaptive_batches=4"
+    ],
+}  # fmt: skip
 FULL_SPLITS = ["eval.train_limit=null", "eval.test_limit=null"]
 STAGES = (0.0, 0.25, 0.5, 0.75)
 
@@ -227,13 +235,13 @@ def family_overrides(
         path, minutes, stages = plan_schedule(baseline, common, budget, runs, name, seed, metric, trained)
         settings = ["schedule.keep=1.0", "schedule.merge=0", f"schedule.file={path}"]
         return accel, [*budgeted, *settings], {"estimator_minutes": round(minutes, 3), "plan": stages}
-    if family in ("adaptive", "adaptive-groups", "descent-adaptive", "lookahead-adaptive"):
+    if family in ("adaptive", "adaptive-groups", "descent-adaptive", *LOOKAHEAD):
         settings = [
             "schedule.mode=adaptive",
             f"schedule.stages={list(STAGES)}",
             f"schedule.candidates={_candidates(base)}",
             f"schedule.adaptive_metric={metric}",
-            *(LOOKAHEAD if metric == "lookahead" else []),
+            *LOOKAHEAD.get(family, []),
         ]
         return accel, [*budgeted, *settings], {"estimator_minutes": 0.0}
     raise ValueError(family)

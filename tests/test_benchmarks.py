@@ -279,6 +279,9 @@ def test_schedule_families_smoke(tmp_path):
     decisions = (runs / "simclr-lookahead-adaptive-0.5" / "schedule_decisions.jsonl").read_text().splitlines()
     assert {json.loads(d)["metric"] for d in decisions} == {"lookahead"}
     assert rows["lookahead-adaptive"]["estimator_units"] > 0
+    settled = (runs / "simclr-lookahead-settled-adaptive-0.5" / "schedule_decisions.jsonl").read_text()
+    measured = [m for d in settled.splitlines() for m in json.loads(d)["measured"].values()]
+    assert measured and all(0 < m["settle_steps"] < m["steps"] for m in measured)
     assert all(r["test_size"] > 0 and r["knn_se"] > 0 for r in rows.values())
     # a second seed joins the first's rows in the same JSON, in run directories of its own
     again = written(out, schedule_families.main([*argv, "--seed", "1", "--families", "uncompressed,plan"]))

@@ -92,6 +92,36 @@ def test_a_lookahead_gain_is_zero_without_training_and_moves_with_it(tiny_recipe
     assert moved["loss_before"] == still["loss_before"]  # the same start, the same held-out batches
 
 
+def test_a_settled_lookahead_reads_the_decrease_after_its_first_steps(tiny_recipe):
+    # on full input alone: L0 before, L1 after one step, L2 after two (the same batches each time), so
+    # settling half of two steps reads L1 - L2 = 2 (L0 - L2) / 2 - (L0 - L1)
+    def gain(*options):
+        cfg = load_config(tiny_recipe, list(options))
+        accelerator, model, optimizer, images = parts(cfg)
+        report = lookahead(cfg, accelerator, model, optimizer, images, [], flops_cost(cfg), 2, 0.5, 2)
+        (row,) = report["strategies"]
+        return row, report
+
+    one, _ = gain("schedule.lookahead_steps=1")
+    two, plain = gain("schedule.lookahead_steps=2")
+    settled, report = gain("schedule.lookahead_steps=2", "schedule.lookahead_settle=0.5")
+    assert (settled["steps"], settled["settle_steps"], two["settle_steps"]) == (2, 1, 0)
+    assert settled["lookahead"] == pytest.approx(2 * two["lookahead"] - one["lookahead"], rel=1e-6)
+    assert settled["lookahead"] != pytest.approx(two["lookahead"])
+    # one more held-out reading, counted: the forward passes of 2 batches of 8 images at full input
+    forward = 2 * 8 * flops_cost(load_config(tiny_recipe, []))(FULL) * FORWARD_SHARE
+    assert report["units"] - plain["units"] == pytest.approx(forward)
+
+
+def test_settling_keeps_at_least_one_step_to_read_over(tiny_recipe):
+    cfg = load_config(tiny_recipe, ["schedule.lookahead_steps=1", "schedule.lookahead_settle=0.9"])
+    accelerator, model, optimizer, images = parts(cfg)
+    report = lookahead(cfg, accelerator, model, optimizer, images, [HALF], flops_cost(cfg), 0, 0.5, 2)
+    assert [(r["steps"], r["settle_steps"]) for r in report["strategies"]] == [(1, 0), (2, 1)]
+    with pytest.raises(ConfigError, match=r"schedule.lookahead_settle = 1.0: must be in \[0, 1\)"):
+        load_config(tiny_recipe, ["schedule.lookahead_settle=1"])
+
+
 def test_reports_carry_lookahead_for_plan_and_the_run_trains_as_without(tmp_path, tiny_recipe):
     # measuring at 1/2 changes nothing in training: the same losses and the same final weights
     runs = {}

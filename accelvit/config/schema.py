@@ -203,6 +203,11 @@ class ScheduleConfig:
         8,
         "adaptive lookahead: each candidate's training budget, full-input steps (1/c as many at cost c)",
     )
+    lookahead_settle: float = _doc(
+        0.0,
+        "adaptive lookahead: share of each candidate's budget trained before the first held-out reading; "
+        "the loss decrease is read over the rest, so that a switch's transient does not decide a stage",
+    )
     file: str | None = _doc(
         None, "YAML file with schedule keys (e.g. written by `accelvit plan`); its keys win over the recipe's"
     )

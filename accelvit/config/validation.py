@@ -216,6 +216,8 @@ def _check_schedule(s: ScheduleConfig, m: ModelConfig) -> None:
     _validate_strategies(s.candidates, "schedule.candidates", allowed)
     _require(s.adaptive_batches >= 2, "schedule.adaptive_batches", s.adaptive_batches, "must be >= 2")
     _require(s.lookahead_steps >= 1, "schedule.lookahead_steps", s.lookahead_steps, "must be >= 1")
+    settle = s.lookahead_settle
+    _require(0 <= settle < 1, "schedule.lookahead_settle", settle, "must be in [0, 1)")
 
 
 def _check_optim(op: OptimConfig) -> None:
