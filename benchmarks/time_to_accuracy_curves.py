@@ -416,9 +416,10 @@ def main(argv: list[str] | None = None) -> dict:
             mine = [r for r in result["rows"] if r["objective"] == name]
             full = setting_of_label(summary["full"])
             with_costs(mine, summary["step_seconds"], summary["full_step_units"], full)
-        print(format_table(result))
-        plot_curves(result, out)
-        return result
+    # written first: minutes of timings are not lost to a table or a picture that fails
+    print(format_table(result))
+    plot_curves(result, out)
+    return result
 
 
 XLABELS = {

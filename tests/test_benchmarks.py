@@ -411,7 +411,7 @@ def test_estimator_noise_smoke(tmp_path):
     assert {r["strategy"] for r in result["rows"]} >= {"0.5:4", "1:8", "(choice)"}
 
 
-def test_time_to_accuracy_curves_smoke_scores_both_frontiers_and_reuses_rows(tmp_path):
+def test_time_to_accuracy_curves_smoke_scores_both_frontiers_and_reuses_rows(tmp_path, monkeypatch):
     from benchmarks import time_to_accuracy_curves as curves
 
     out, runs = tmp_path / "curves.json", tmp_path / "runs"
@@ -438,6 +438,14 @@ def test_time_to_accuracy_curves_smoke_scores_both_frontiers_and_reuses_rows(tmp
     shutil.rmtree(runs)
     again = curves.main(argv)
     assert not runs.exists() and [r["run_recipe"] for r in again["rows"]] == [r["run_recipe"] for r in rows]
+    # the summary (minutes of alone timings) is written before the table is printed: a table that
+    # fails loses nothing
+    out.write_text(json.dumps({**again, "objectives": {}}))
+    monkeypatch.setattr(curves, "format_table", lambda result: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        curves.main(argv)
+    timed = json.loads(out.read_text())["objectives"]["simclr"]["step_seconds"]  # timed again, and kept
+    assert [(t["keep"], t["patch"]) for t in timed] == [(t["keep"], t["patch"]) for t in summary["step_seconds"]]
 
 
 def test_curve_to_curve_crossing_and_bounds():
