@@ -81,8 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="synthetic data and tiny runs, seconds")
     p.add_argument("--no-train", action="store_true", help="score finished runs only; train nothing")
     p.add_argument("--time", action="store_true", help="time every setting of the scored runs alone")
+    p.add_argument(
+        "--rounds", type=int, default=3,
+        help="--time: rounds over the settings (each a throwaway run per setting); the median is kept",
+    )  # fmt: skip
+    p.add_argument("--retime", action="store_true", help="--time: discard earlier timings, time all")
     p.add_argument("-o", "--output", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: at least 1")
+    return args
 
 
 def recipe_of(name: str, kind: str) -> Path:
@@ -375,14 +383,19 @@ def objective_summary(name: str, rows: list[dict], earlier: dict, args) -> dict:
     refs = {k: earlier[k] for k in REFERENCES if k in earlier} or references(
         name, common, scoring_splits(args)
     )
-    timings = list(earlier.get("step_seconds", []))
+    timings = [] if args.retime else list(earlier.get("step_seconds", []))
     if args.time:
         timed = {(t["keep"], t["patch"], t["merge"]) for t in timings}
         mine = [r for r in rows if r["objective"] == name]
-        for s in timed_grid({label for r in mine for label in r["settings"]} | {full.label}):
-            if (s.keep, s.patch, s.merge) not in timed:
-                seconds = step_seconds(name, s, common)
-                timings.append({"keep": s.keep, "patch": s.patch, "merge": s.merge, "units": seconds})
+        grid = timed_grid({label for r in mine for label in r["settings"]} | {full.label})
+        todo = [s for s in grid if (s.keep, s.patch, s.merge) not in timed]
+        # rounds over the settings, not repeats of one: a throwaway run's time drifts by several
+        # percent from one run to the next, and a slow spell of the machine should not fall on one
+        rounds = [[step_seconds(name, s, common) for s in todo] for _ in range(args.rounds)]
+        for s, seconds in zip(todo, zip(*rounds, strict=True), strict=True):
+            median = statistics.median(seconds)
+            timings.append({"keep": s.keep, "patch": s.patch, "merge": s.merge, "units": median,
+                            "rounds": list(seconds)})  # fmt: skip
     return summarize(name, rows, refs, timings, full_step_units(recipe_of(name, "baseline"), common), full)
 
 

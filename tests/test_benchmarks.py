@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 
 import pytest
 
@@ -415,7 +416,7 @@ def test_time_to_accuracy_curves_smoke_scores_both_frontiers_and_reuses_rows(tmp
     from benchmarks import time_to_accuracy_curves as curves
 
     out, runs = tmp_path / "curves.json", tmp_path / "runs"
-    argv = ["--smoke", "--objectives", "simclr", "--runs", str(runs), "-o", str(out), "--time"]
+    argv = ["--smoke", "--objectives", "simclr", "--runs", str(runs), "-o", str(out), "--time", "--rounds", "2"]
     result = written(out, curves.main(argv))
     rows = result["rows"]
     assert sorted((r["kind"], r["fraction"]) for r in rows) == sorted(
@@ -432,6 +433,8 @@ def test_time_to_accuracy_curves_smoke_scores_both_frontiers_and_reuses_rows(tmp
     summary = result["objectives"]["simclr"]
     assert {"pixels_knn", "pixels_linear", "untrained_knn", "step_seconds"} <= set(summary)
     assert {t["patch"] for t in summary["step_seconds"]} == {4, 8}
+    # each setting timed in 2 rounds over all of them, the median kept
+    assert all(len(t["rounds"]) == 2 and t["units"] == statistics.median(t["rounds"]) for t in summary["step_seconds"])
     assert set(summary["speedup"]) == {"knn", "linear"}
     assert {p.name for p in tmp_path.glob("*.png")} == {"curves-simclr-knn.png", "curves-simclr-linear.png"}
     # a second call trains nothing: every row is found by its run's recipe, even without its run dir
