@@ -372,9 +372,7 @@ def _decide(
         "estimator_units": units,
     }
     if metric == "lookahead":  # what each candidate did, for reading the choice later
-        decision["measured"] = {
-            setting_of(r).label: {key: r[key] for key in ("lookahead", "lookahead_se", "steps", "settle_steps")}
-            for r in report["strategies"]
-        }
+        keys = ("lookahead", "lookahead_se", "steps", "settle_steps")
+        decision["measured"] = {setting_of(r).label: {k: r[k] for k in keys} for r in report["strategies"]}
     state.decisions.append(decision)
     return decision
