@@ -215,12 +215,14 @@ def by_fraction(rows: list[dict], kind: str) -> dict[float, list[dict]]:
     return groups
 
 
+def seed_mean(rs: list[dict], metric: str, x: str) -> tuple[float, float]:
+    """(budget, accuracy) of one point, averaged over its seeds."""
+    return statistics.mean(r[x] for r in rs), statistics.mean(r[metric] for r in rs)
+
+
 def frontier(rows: list[dict], kind: str, metric: str, x: str) -> list[tuple[float, float]]:
     """(budget, accuracy averaged over seeds) of one kind's points, budget ascending."""
-    return sorted(
-        (statistics.mean(r[x] for r in rs), statistics.mean(r[metric] for r in rs))
-        for rs in by_fraction(rows, kind).values()
-    )
+    return sorted(seed_mean(rs, metric, x) for rs in by_fraction(rows, kind).values())
 
 
 def speedups(rows: list[dict], metric: str, x: str) -> list[dict]:
@@ -229,7 +231,7 @@ def speedups(rows: list[dict], metric: str, x: str) -> list[dict]:
     base = frontier(rows, "baseline", metric, x)
     out = []
     for fraction, rs in sorted(by_fraction(rows, "accel").items()):
-        budget, accuracy = statistics.mean(r[x] for r in rs), statistics.mean(r[metric] for r in rs)
+        budget, accuracy = seed_mean(rs, metric, x)
         point = {"fraction": fraction, "seeds": len(rs), "budget": budget, metric: accuracy}
         found = bracketing(base, accuracy)
         if found is None:  # above the whole frontier: at least the longest baseline's budget
